@@ -1,0 +1,56 @@
+"""Process groups that survive their members.
+
+One TCPStore per run, hosted by the coordinator (`host_store`), never by a worker, so
+any worker may die. Each generation of members builds its group under a fresh prefix
+(`gen{n}`) of that store, inside the processes that already exist (`connect`): a group
+can be re-formed without restarting anyone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch.distributed as dist
+
+from raylane.comm.communicator import Communicator, Link
+
+
+def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
+    """Start the run's TCPStore server in this process on a free port (`store.port`)."""
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def connect(store_host: str, store_port: int, generation: int, rank: int, world_size: int,
+            backend: str = "gloo", timeout_s: float = 60.0, link: Link | None = None,
+            bind_host: str | None = None) -> Communicator:
+    """Join generation `generation` of the run's group as `rank` of `world_size`.
+
+    `timeout_s` bounds every collective: a peer that hangs is caught by it. `bind_host`
+    is the address this process's Gloo transport listens on (default: the store host,
+    which keeps a one-machine run on loopback).
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"gen{generation}", store)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host or store_host)]
+        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    else:
+        raise ValueError(f"backend={backend!r}: choose one of ['gloo', 'nccl']")
+    comm = Communicator(pg, rank, world_size, backend, link)
+    comm.store = store  # keep the client alive as long as the group
+    return comm
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,193 @@
+"""Structured configs for every group, their validation, and Hydra composition.
+
+`load(overrides)` composes configs/ (config.yaml + groups) with Hydra's compose API,
+then validates the whole tree into a `RunConfig` before anything starts. Every user
+error — an unknown group option, an unknown key, a wrong type, a value out of range —
+is a `ConfigError` whose message is one line naming the key, the value and what is
+allowed. The dataclasses of models, data and optimizer live beside their code
+(workers/); a strategy's lives in its module and is found through the registry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylane import strategies
+from raylane.validation import ConfigError, check, from_dict, one_of
+from raylane.workers.data import DataConfig
+from raylane.workers.models import ModelConfig
+from raylane.workers.optim import OptimConfig
+
+GROUPS = ("strategy", "model", "data", "cluster", "logging")
+
+
+def config_dir() -> Path:
+    """configs/ beside the package (editable install / source tree), or $RAYLANE_CONFIG_DIR."""
+    env = os.environ.get("RAYLANE_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    eval_every: int = 50           # 0: only at the end
+    log_every: int = 10            # console/W&B aggregation period (metrics.jsonl gets every step)
+
+    def validate(self, prefix: str) -> None:
+        check(self.steps >= 1, f"{prefix}.steps", self.steps, "must be >= 1")
+        check(self.eval_every >= 0, f"{prefix}.eval_every", self.eval_every, "must be >= 0")
+        check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100               # 0: only at the end
+    keep: int = 3                  # newest checkpoints kept
+
+    def validate(self, prefix: str) -> None:
+        check(self.every >= 0, f"{prefix}.every", self.every, "must be >= 0")
+        check(self.keep >= 1, f"{prefix}.keep", self.keep, "must be >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = 4
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    address: str | None = None     # Ray address; default $RAYLANE_RAY_ADDRESS/$RAY_ADDRESS, else local
+    backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
+    collective_timeout_s: float = 60.0
+    start_timeout_s: float = 120.0  # actors must be up by then
+
+    def validate(self, prefix: str) -> None:
+        check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "must be >= 1")
+        check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        check(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        one_of(f"{prefix}.backend", self.backend, ("auto", "gloo", "nccl"))
+        check(not (self.backend == "nccl" and self.gpus_per_worker == 0), f"{prefix}.backend", self.backend,
+              "nccl needs cluster.gpus_per_worker > 0")
+        check(self.collective_timeout_s > 0, f"{prefix}.collective_timeout_s", self.collective_timeout_s,
+              "must be > 0")
+        check(self.start_timeout_s > 0, f"{prefix}.start_timeout_s", self.start_timeout_s, "must be > 0")
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.gpus_per_worker > 0 else "gloo"
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"    # offline | online | disabled
+    project: str = "raylane"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True          # live progress bar on stderr
+
+    def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class RunDirConfig:
+    name: str = "run"
+    root: str = "runs"
+    dir: str | None = None         # default: <root>/<name>
+
+    def path(self) -> Path:
+        return Path(self.dir or Path(self.root) / self.name).expanduser().resolve()
+
+
+@dataclass
+class RunConfig:
+    strategy: Any
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    cluster: ClusterConfig
+    logging: LoggingConfig
+    run: RunDirConfig
+    seed: int = 0
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+             "checkpoint": CheckpointConfig, "cluster": ClusterConfig, "logging": LoggingConfig,
+             "run": RunDirConfig}
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Typed, range-checked RunConfig from a plain dict (the composed, resolved config)."""
+    allowed = {"strategy", "seed", "resume", *_SECTIONS}
+    for key in raw:
+        check(key in allowed, key, raw[key], f"unknown key; allowed keys: {sorted(allowed)}")
+    strat = dict(raw.get("strategy") or {})
+    spec = strategies.get(strat.get("name", "ddp"))
+    sections = {k: from_dict(cls, raw.get(k), k) for k, cls in _SECTIONS.items()}
+    seed, resume = raw.get("seed", 0), raw.get("resume", False)
+    check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
+          "must be an integer >= 0")
+    check(isinstance(resume, bool), "resume", resume, "must be true or false")
+    cfg = RunConfig(strategy=from_dict(spec.config_cls, strat, "strategy"), seed=seed, resume=resume,
+                    **sections)
+    if cfg.model.name == "char_transformer":
+        check(cfg.data.name == "chars", "data.name", cfg.data.name, "model=char_transformer needs data=chars")
+    else:
+        check(cfg.data.name != "chars", "data.name", cfg.data.name, f"model={cfg.model.name} needs data=synthetic")
+    return cfg
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.get_key_element().lstrip("+~")
+        if key in GROUPS and ov.value() is not None:
+            choices = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+            for value in choices:
+                one_of(key, value, _options(key))
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """Compose configs/ with Hydra; returns the resolved config as a plain dict."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    check(config_dir().is_dir(), "RAYLANE_CONFIG_DIR", str(config_dir()), "no configs/ folder there")
+    try:
+        _check_group_choices(overrides)
+        with initialize_config_dir(str(config_dir()), version_base=None):
+            cfg = hydra_compose("config", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e, overrides)) from None
+
+
+def _one_line(e: Exception, overrides: list[str]) -> str:
+    text, cause = str(e), e.__cause__ or e.__context__
+    while cause is not None:
+        text, cause = text + "\n" + str(cause), cause.__cause__ or cause.__context__
+    for ov in overrides:
+        key = ov.partition("=")[0]
+        if f"'{key}'" in text and ("not in struct" in text or "Could not override" in text):
+            return f"{ov}: unknown key {key!r}; check the spelling, or prefix it with + to add a key"
+    return text.strip().split("\n")[0] or type(e).__name__
+
+
+def load(overrides: list[str]) -> RunConfig:
+    return validate(compose(overrides))

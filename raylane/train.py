@@ -1,0 +1,139 @@
+"""Entry point: `python -m raylane.train [-m] [key=value ...]` (also `raylane-train`).
+
+Composes configs/ with the Hydra overrides given, validates every job's config before
+anything starts (a user error is one line on stderr and exit code 2; no Ray actor is
+started), connects to Ray — the cluster in $RAY_ADDRESS or `cluster.address` (a
+`ray job submit` sets it), otherwise a local one on loopback — and hands each job to
+the Coordinator. `-m` runs a sweep (`-m seed=1,2 optim.lr=1e-3,3e-3`): its jobs run
+one after another, each in its own run directory named after its sweep values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from raylane import config
+from raylane.validation import ConfigError
+
+log = logging.getLogger("raylane")
+
+EXIT_USER_ERROR = 2
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raylane-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--multirun", action="store_true", help="run every combination of swept values")
+    p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ddp cluster.num_workers=2")
+    return p.parse_args(argv)
+
+
+def expand_sweeps(overrides: list[str]) -> list[tuple[list[str], str]]:
+    """Every combination of swept values: (overrides, tag naming the swept values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for ov in parsed:
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            axes.append([(f"{key}={v}", f"{key.lstrip('+')}={v}") for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([(ov.input_line, None)])
+    jobs = []
+    for combo in itertools.product(*axes):
+        tag = ",".join(t for _, t in combo if t)
+        jobs.append(([o for o, _ in combo], tag))
+    return jobs
+
+
+def build_jobs(overrides: list[str], multirun: bool) -> list[Any]:
+    """Validated RunConfigs, one per job. Raises ConfigError."""
+    if not multirun:
+        return [config.load(overrides)]
+    jobs = []
+    for job_overrides, tag in expand_sweeps(overrides):
+        raw = config.compose(job_overrides)
+        names_run = any(o.lstrip("+").startswith(("run.name=", "run.dir=")) for o in job_overrides)
+        if tag and not names_run:
+            raw["run"]["name"] = f"{raw['run']['name']}__{tag.replace('/', '_')}"
+        jobs.append(config.validate(raw))
+    return jobs
+
+
+def prepare_run_dir(cfg: Any) -> None:
+    """A fresh run never overwrites an old one: an existing run dir is moved aside."""
+    path = cfg.run.path()
+    if cfg.resume or not path.exists() or not any(path.iterdir()):
+        return
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(path), str(aside))
+    log.warning("%s already held a run; moved it to %s (use resume=true to continue a run)", path, aside)
+
+
+def connect_ray(cluster: Any) -> bool:
+    """Connect to the configured cluster, or start a local one. True when all runs on loopback."""
+    import ray
+
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        return len(nodes) == 1 and nodes[0]["NodeManagerAddress"] in ("127.0.0.1", "localhost")
+    needed = cluster.num_workers * cluster.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), num_gpus=None,
+             include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    return True
+
+
+def run_jobs(jobs: list[Any]) -> int:
+    import ray
+
+    from raylane.orchestrator.coordinator import run
+    from raylane.orchestrator.worker_group import WorkerStartError
+
+    loopback = connect_ray(jobs[0].cluster)
+    try:
+        for cfg in jobs:
+            prepare_run_dir(cfg)
+            log.info("run %s -> %s", cfg.run.name, cfg.run.path())
+            summary = run(cfg, loopback)
+            print(summary.table(), flush=True)
+            print(f"run dir: {cfg.run.path()}", flush=True)
+            if cfg.logging.wandb_mode == "offline":
+                print(f"W&B (offline): upload with `wandb sync {cfg.run.path() / 'wandb'}/offline-run-*`")
+    except WorkerStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        jobs = build_jobs(args.overrides, args.multirun)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.cfg:
+        import yaml
+
+        for cfg in jobs:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    return run_jobs(jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Datasets and deterministic sharding.
+
+A dataset is a list of training samples addressed by index, plus a held-out eval split.
+The sample stream is global: sample g of the run is `permutation(seed, epoch)[g % n]`
+with epoch = g // n. Step t of a run with global batch G takes samples
+[offset, offset + G), and rank r of W takes its contiguous slice of that range. So the
+data position is one integer (samples consumed), a resume is exact, and the batches of
+all ranks concatenated are the global batch — whatever W is.
+
+Datasets: `chars` (a character-level corpus: Python's `pydoc_data.topics` English text
+by default, or any UTF-8 text file via `data.path`) and `synthetic` (a classification
+task labelled by a fixed random teacher network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from raylane.validation import check, one_of
+
+DATASETS = ("chars", "synthetic")
+
+
+@dataclass
+class DataConfig:
+    name: str = "chars"
+    path: str | None = None           # chars: a UTF-8 text file; default: pydoc_data.topics
+    batch_size: int = 16               # samples per worker per step
+    seq_len: int = 64                  # chars: tokens per sample
+    eval_fraction: float = 0.1         # tail of the corpus held out for eval
+    eval_batches: int = 8              # eval batches (of batch_size) per evaluation, split over workers
+    num_samples: int = 16384           # synthetic: training samples
+    input_dim: int = 32                # synthetic: features
+    num_classes: int = 10              # synthetic: classes
+
+    def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.name", self.name, DATASETS)
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        check(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "must be >= 2")
+        check(0 < self.eval_fraction < 1, f"{prefix}.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+        check(self.eval_batches >= 1, f"{prefix}.eval_batches", self.eval_batches, "must be >= 1")
+        check(self.num_samples >= 2, f"{prefix}.num_samples", self.num_samples, "must be >= 2")
+        check(self.input_dim >= 1, f"{prefix}.input_dim", self.input_dim, "must be >= 1")
+        check(self.num_classes >= 2, f"{prefix}.num_classes", self.num_classes, "must be >= 2")
+        if self.path is not None:
+            check(Path(self.path).is_file(), f"{prefix}.path", self.path, "must be a readable text file")
+
+
+class Dataset(Protocol):
+    num_train: int
+    vocab_size: int        # number of classes / tokens the model predicts
+    input_dim: int         # features per sample (0 for token inputs)
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def eval_batch(self, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def default_text() -> str:
+    """The English text of Python's help topics (ships with every CPython)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))
+
+
+class CharCorpus:
+    """Character-level LM data: input = seq_len chars, target = the next seq_len chars."""
+
+    input_dim = 0
+
+    def __init__(self, text: str, seq_len: int, eval_fraction: float):
+        self.chars = sorted(set(text))
+        self.vocab_size = len(self.chars)
+        lookup = {c: i for i, c in enumerate(self.chars)}
+        tokens = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+        split = int(len(tokens) * (1 - eval_fraction))
+        self.train, self.eval = tokens[:split], tokens[split:]
+        self.seq_len = seq_len
+        self.num_train = len(self.train) - seq_len - 1
+        check(self.num_train > 0 and len(self.eval) > seq_len + 1, "data.seq_len", seq_len,
+              f"the corpus ({len(tokens)} chars) is too short for it")
+
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
+        w = tokens[idx]
+        return w[:, :-1], w[:, 1:]
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._windows(self.train, indices)
+
+    def eval_batch(self, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_windows = (len(self.eval) - 1) // self.seq_len
+        starts = (torch.arange(i * batch_size, (i + 1) * batch_size) % n_windows) * self.seq_len
+        return self._windows(self.eval, starts)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class SyntheticClassification:
+    """Gaussian inputs labelled by a fixed random two-layer teacher (seeded)."""
+
+    def __init__(self, num_samples: int, input_dim: int, num_classes: int, seed: int, eval_fraction: float):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        n_eval = max(1, int(num_samples * eval_fraction))
+        x = torch.randn(num_samples + n_eval, input_dim, generator=g)
+        w1 = torch.randn(input_dim, 4 * input_dim, generator=g) / input_dim ** 0.5
+        w2 = torch.randn(4 * input_dim, num_classes, generator=g) / (4 * input_dim) ** 0.5
+        y = (torch.relu(x @ w1) @ w2).argmax(1)
+        self.x, self.y, self.num_train = x, y, num_samples
+        self.vocab_size, self.input_dim = num_classes, input_dim
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[indices], self.y[indices]
+
+    def eval_batch(self, i: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_eval = len(self.x) - self.num_train
+        idx = self.num_train + torch.arange(i * batch_size, (i + 1) * batch_size) % n_eval
+        return self.x[idx], self.y[idx]
+
+
+def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    if cfg.name == "chars":
+        text = Path(cfg.path).read_text(encoding="utf-8") if cfg.path else default_text()
+        return CharCorpus(text, cfg.seq_len, cfg.eval_fraction)
+    return SyntheticClassification(cfg.num_samples, cfg.input_dim, cfg.num_classes, seed, cfg.eval_fraction)
+
+
+class GlobalSampler:
+    """Maps a global sample number to a training index: a fresh permutation per epoch."""
+
+    def __init__(self, num_train: int, seed: int):
+        self.num_train, self.seed = num_train, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_train, generator=g)
+        return self._perm
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Training indices of global samples [start, start + count)."""
+        out = torch.empty(count, dtype=torch.long)
+        for i, g in enumerate(range(start, start + count)):
+            epoch, pos = divmod(g, self.num_train)
+            if i == 0 or pos == 0:
+                perm = self._permutation(epoch)
+            out[i] = perm[pos]
+        return out
+
+
+def shard_range(offset: int, rank: int, batch_size: int) -> tuple[int, int]:
+    """The global samples rank `rank` takes at a step whose batch starts at `offset`."""
+    start = offset + rank * batch_size
+    return start, batch_size

@@ -1,0 +1,134 @@
+"""TrainWorker: one process of a run (a Ray actor; also usable as a plain object).
+
+Holds the model, optimizer, dataset and the strategy's worker half. Call order:
+`__init__` → `connect(...)` (joins a process-group generation; again after recovery)
+→ (`load_state_dict`) → `train_step`* / `evaluate` / `state_dict`.
+It never decides anything across workers: the coordinator and the strategy do.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raylane.comm import Link, connect
+from raylane.strategies import get as get_strategy
+from raylane.strategies.base import WorkerContext
+from raylane.workers.data import GlobalSampler, build_dataset
+from raylane.workers.models import build_model, loss_fn
+from raylane.workers.optim import build_optimizer
+
+
+class TrainWorker:
+    def __init__(self, cfg: Any, rank: int, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.rank = cfg, rank
+        self.device = torch.device("cuda", 0) if cfg.cluster.gpus_per_worker > 0 else torch.device("cpu")
+        self.data = build_dataset(cfg.data, cfg.seed)
+        self.sampler = GlobalSampler(self.data.num_train, cfg.seed)
+        self.model = build_model(cfg.model, self.data.vocab_size, self.data.input_dim,
+                                 cfg.data.seq_len, cfg.seed).to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.strategy = None
+        self.comm = None
+        torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
+
+    # -- group membership -------------------------------------------------------------
+    def address(self) -> dict[str, Any]:
+        import ray
+
+        return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def connect(self, store_host: str, store_port: int, generation: int, rank: int, world_size: int,
+                backend: str, timeout_s: float, link: Link | None = None, bind_host: str | None = None) -> int:
+        """Join group generation `generation` as `rank`; returns the rank."""
+        if self.comm is not None:
+            self.comm.abort()
+        self.rank = rank
+        self.comm = connect(store_host, store_port, generation, rank, world_size, backend, timeout_s, link,
+                            bind_host)
+        if self.strategy is None:
+            spec = get_strategy(self.cfg.strategy.name)
+            ctx = WorkerContext(self.model, self.optimizer, self.comm, self._loss, self.cfg.optim.grad_clip,
+                                rank, world_size, self.cfg.seed)
+            self.strategy = spec.worker_cls(self.cfg.strategy, ctx)
+        else:
+            self.strategy.ctx.rank, self.strategy.ctx.world_size = rank, world_size
+            self.strategy.set_comm(self.comm)
+        return rank
+
+    # -- compute ----------------------------------------------------------------------
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        return loss_fn(self.model(x), y)
+
+    def batch(self, sample_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch that starts at `sample_offset`."""
+        bs = self.cfg.data.batch_size
+        return self.data.train_batch(self.sampler.indices(sample_offset + self.rank * bs, bs))
+
+    def train_step(self, sample_offset: int, lr: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        before = self.comm.stats.total()
+        wait_before = self.comm.stats.wait_s
+        self.model.train()
+        batch = self.batch(sample_offset)
+        metrics = self.strategy.train_step(batch, lr)
+        after = self.comm.stats.total()
+        metrics.update(rank=self.rank, samples=len(batch[1]), tokens=batch[1].numel(),
+                       step_time_s=time.perf_counter() - t0,
+                       comm_wait_s=self.comm.stats.wait_s - wait_before,
+                       bytes_sent=after.bytes_sent - before.bytes_sent,
+                       bytes_recv=after.bytes_recv - before.bytes_recv)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, num_shards: int) -> tuple[float, int]:
+        """Sum of eval losses and batch count over this rank's share of the eval batches."""
+        self.model.eval()
+        total, count = 0.0, 0
+        with self.strategy.eval_parameters():
+            for i in range(self.rank, self.cfg.data.eval_batches, num_shards):
+                total += self._loss(self.data.eval_batch(i, self.cfg.data.batch_size)).item()
+                count += 1
+        return total, count
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run a strategy-specific worker method (driver-decided strategies)."""
+        return getattr(self.strategy, method)(*args, **kwargs)
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self, replica: bool = True) -> dict[str, Any]:
+        """`replica`: model, optimizer and strategy state (skipped when a peer's copy will do);
+        `local`: what is this process's own (RNG streams)."""
+        local = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if not replica:
+            return {"replica": None, "local": local}
+        return {"replica": {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            "strategy": self.strategy.state_dict()},
+                "local": local}
+
+    def load_state_dict(self, replica: dict[str, Any], local: dict[str, Any] | None = None) -> None:
+        self.model.load_state_dict(replica["model"])
+        self.optimizer.load_state_dict(replica["optimizer"])
+        self.strategy.load_state_dict(replica["strategy"])
+        if local is not None:
+            torch.set_rng_state(local["torch"])
+            np.random.set_state(local["numpy"])
+            random.setstate(local["python"])
+
+    def flat_parameters(self) -> torch.Tensor:
+        with self.strategy.eval_parameters():
+            return torch.cat([p.detach().reshape(-1).cpu() for p in self.model.parameters()])
+
+    def comm_stats(self) -> dict[str, Any]:
+        return self.comm.stats.as_dict()
+
+    def ping(self) -> int:
+        return self.rank

@@ -1,0 +1,28 @@
+"""Shared fixtures: one local Ray cluster per test session (on loopback), small configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.batch_size=4", "data.seq_len=32",
+         "data.eval_batches=4", "logging=quiet", "train.eval_every=0", "checkpoint.every=0"]
+
+
+def small_cfg(tmp_path, *overrides: str):
+    """A validated RunConfig for a tiny char-LM run in tmp_path."""
+    from raylane import config
+
+    return config.load([*SMALL, f"run.root={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    yield ray
+    ray.shutdown()
