@@ -65,7 +65,7 @@ class _Wandb:
         self.run.log(metrics, step=step)
 
     def finish(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +88,7 @@ class MetricsSink:
         self._file.write(json.dumps(record) + "\n")
         self.wandb.log(metrics, step)
         if advance or "eval/loss" in metrics:
-            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+            shown = {k.split("/")[0]: f"{v:.4g}" for k, v in metrics.items()
                      if k in ("train/loss", "eval/loss") and v is not None}
             self.bar.update(advance, shown)
 
