@@ -131,14 +131,15 @@ def run_plain_ddp(cfg, steps: int, warmup: int, tmp: str) -> dict:
 def main() -> None:
     import ray
 
+    from raylane.train import start_local_ray
+
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="few steps, to check the script works")
     args = p.parse_args()
     steps, warmup = (12, 4) if args.quick else (120, 20)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(steps, tmp)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="ERROR")
+        start_local_ray(os.cpu_count() or 2)
         try:
             rows = [run_raylane(cfg, steps, warmup), run_ray_train(cfg, steps, warmup, tmp)]
         finally:

@@ -92,6 +92,11 @@ class LoggingConfig:
         one_of(f"{prefix}.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
 
 
+def in_ray_job_copy(cwd: Path | None = None) -> bool:
+    """True inside the temporary copy of a `ray job submit --working-dir` upload."""
+    return "runtime_resources" in (cwd or Path.cwd()).parts
+
+
 @dataclass
 class RunDirConfig:
     name: str = "run"
@@ -99,7 +104,13 @@ class RunDirConfig:
     dir: str | None = None         # default: <root>/<name>
 
     def path(self) -> Path:
-        return Path(self.dir or Path(self.root) / self.name).expanduser().resolve()
+        """The run directory. A relative path is taken from the current directory, except in a
+        Ray job's temporary working-dir copy, where it is taken from $RAYLANE_HOME (default
+        ~/raylane) so that nothing lands in a folder Ray deletes."""
+        path = Path(self.dir or Path(self.root) / self.name).expanduser()
+        if not path.is_absolute() and in_ray_job_copy():
+            path = Path(os.environ.get("RAYLANE_HOME", Path.home() / "raylane")) / path
+        return path.resolve()
 
 
 @dataclass

@@ -14,6 +14,7 @@ import argparse
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -62,6 +63,7 @@ def build_jobs(overrides: list[str], multirun: bool) -> list[Any]:
     for job_overrides, tag in expand_sweeps(overrides):
         raw = config.compose(job_overrides)
         names_run = any(o.lstrip("+").startswith(("run.name=", "run.dir=")) for o in job_overrides)
+        raw["logging"]["group"] = raw["logging"]["group"] or raw["run"]["name"]  # one W&B group per sweep
         if tag and not names_run:
             raw["run"]["name"] = f"{raw['run']['name']}__{tag.replace('/', '_')}"
         jobs.append(config.validate(raw))
@@ -79,18 +81,40 @@ def prepare_run_dir(cfg: Any) -> None:
 
 
 def connect_ray(cluster: Any) -> bool:
-    """Connect to the configured cluster, or start a local one. True when all runs on loopback."""
+    """Connect to the configured cluster, or start a local one. True when all runs on loopback.
+
+    A local cluster gets a fresh token of its own in the environment (ray 2.60 turns token
+    auth on by default): nothing is written to ~/.ray/auth_token, so no stale token is left
+    behind to break a later `ray start` + `ray job submit`.
+    """
     import ray
 
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ray.exceptions.AuthenticationError as e:
+            raise ConfigError(f"cluster.address={address!r}: the cluster refused this auth token ({_first(e)}); "
+                              "use the head's token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or "
+                              "~/.ray/auth_token as on the head (`ray get-auth-token`)") from None
         nodes = [n for n in ray.nodes() if n["Alive"]]
         return len(nodes) == 1 and nodes[0]["NodeManagerAddress"] in ("127.0.0.1", "localhost")
-    needed = cluster.num_workers * cluster.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), num_gpus=None,
-             include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+    start_local_ray(max(os.cpu_count() or 1, int(cluster.num_workers * cluster.cpus_per_worker + 0.999)))
     return True
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """An embedded Ray on loopback, with an ephemeral auth token kept in this process's environment."""
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token mode on itself
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
+
+
+def _first(e: Exception) -> str:
+    return str(e).strip().split("\n")[0]
 
 
 def run_jobs(jobs: list[Any]) -> int:
@@ -117,6 +141,14 @@ def run_jobs(jobs: list[Any]) -> int:
     return 0
 
 
+def _connect_and_run(jobs: list[Any]) -> int:
+    try:
+        return run_jobs(jobs)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -132,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in jobs:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    return run_jobs(jobs)
+    return _connect_and_run(jobs)
 
 
 if __name__ == "__main__":

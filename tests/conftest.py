@@ -23,6 +23,8 @@ def small_cfg(tmp_path, *overrides: str):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    from raylane.train import start_local_ray
+
+    start_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()

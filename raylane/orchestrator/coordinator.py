@@ -8,7 +8,6 @@ It never names a strategy, model or compressor: the strategy comes from the regi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
 from raylane import strategies
 from raylane.orchestrator import checkpoint
@@ -32,7 +32,7 @@ class Coordinator:
         self.cfg = cfg
         self.run_dir: Path = cfg.run.path()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.spec = strategies.get(cfg.strategy.name)
         self.driver = self.spec.driver_cls(cfg.strategy, cfg.cluster.num_workers)
         self.group = WorkerGroup(cfg, loopback)
@@ -95,6 +95,7 @@ class Coordinator:
                    "comm/wait_s": max(r.get("comm_wait_s", 0.0) for r in results),
                    **{f"comm/bytes_sent/rank{r['rank']}": r["bytes_sent"] for r in results}}
         self.summary.record_step(step, loss, sent, tokens)
+        metrics["comm/bytes_total"] = self.summary.bytes_sent_total
         self.metrics.log(step, metrics, advance=1)
 
     def evaluate(self) -> float:

@@ -55,9 +55,10 @@ class _Wandb:
 
         self.wandb = wandb
         run_dir.mkdir(parents=True, exist_ok=True)
+        tags = [config.get("strategy", {}).get("name", "?"), *logging_cfg.tags]
         self.run = wandb.init(project=logging_cfg.project, entity=logging_cfg.entity, dir=str(run_dir),
                               mode=logging_cfg.wandb_mode, id=run_id, name=name, resume="allow",
-                              group=logging_cfg.group, tags=list(logging_cfg.tags), config=config,
+                              group=logging_cfg.group or name, tags=tags, config=config,
                               settings=wandb.Settings(console="off", quiet=True, silent=True))
         self.run_dir = self.run.dir
 

@@ -1,0 +1,33 @@
+"""The Docker image, compose file and RayJob manifest lint clean and pin what pyproject.toml pins."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run([str(BIN / "hadolint"), str(REPO / "docker/Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_and_rayjob_pass_yamllint():
+    proc = subprocess.run([str(BIN / "yamllint"), "-d", "{extends: relaxed, rules: {line-length: {max: 120}}}",
+                           str(REPO / "docker/compose.yaml"), str(REPO / "docker/rayjob.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_images_pin_the_versions_pyproject_pins():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    torch_pin = re.search(r'"torch==([\d.]+)"', pyproject).group(1)
+    ray_pin = re.search(r'"ray\[default\]==([\d.]+)"', pyproject).group(1)
+    assert f"torch=={torch_pin}" in (REPO / "docker/Dockerfile").read_text()
+    assert f'rayVersion: "{ray_pin}"' in (REPO / "docker/rayjob.yaml").read_text()
