@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from raylane import strategies
+from raylane.orchestrator.faults import FaultsConfig
 from raylane.validation import ConfigError, check, from_dict, one_of
 from raylane.workers.data import DataConfig
 from raylane.workers.models import ModelConfig
 from raylane.workers.optim import OptimConfig
 
-GROUPS = ("strategy", "model", "data", "cluster", "logging")
+GROUPS = ("strategy", "model", "data", "cluster", "logging", "faults")
 
 
 def config_dir() -> Path:
@@ -57,10 +58,13 @@ class ClusterConfig:
     num_workers: int = 4
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
-    address: str | None = None     # Ray address; default $RAYLANE_RAY_ADDRESS/$RAY_ADDRESS, else local
+    min_workers: int | None = None  # elastic: continue with this many when replacements can't be placed
+    address: str | None = None     # Ray address; default $RAY_ADDRESS, else an embedded local cluster
     backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
     collective_timeout_s: float = 60.0
     start_timeout_s: float = 120.0  # actors must be up by then
+    replace_timeout_s: float = 30.0  # a replacement not up by then: shrink (if min_workers allows) or fail
+    round_timeout_s: float = 600.0   # no reply to a round by then: the silent workers are hung
 
     def validate(self, prefix: str) -> None:
         check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "must be >= 1")
@@ -72,6 +76,15 @@ class ClusterConfig:
         check(self.collective_timeout_s > 0, f"{prefix}.collective_timeout_s", self.collective_timeout_s,
               "must be > 0")
         check(self.start_timeout_s > 0, f"{prefix}.start_timeout_s", self.start_timeout_s, "must be > 0")
+        check(self.replace_timeout_s > 0, f"{prefix}.replace_timeout_s", self.replace_timeout_s, "must be > 0")
+        check(self.round_timeout_s > 0, f"{prefix}.round_timeout_s", self.round_timeout_s, "must be > 0")
+        check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
+              self.min_workers, f"must be in [1, cluster.num_workers={self.num_workers}]")
+
+    @property
+    def floor(self) -> int:
+        """The fewest workers training may continue with."""
+        return self.num_workers if self.min_workers is None else self.min_workers
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -124,8 +137,9 @@ class RunConfig:
     cluster: ClusterConfig
     logging: LoggingConfig
     run: RunDirConfig
+    faults: FaultsConfig
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = "auto"    # auto: continue an unfinished run in run.dir, else start fresh
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +147,7 @@ class RunConfig:
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "cluster": ClusterConfig, "logging": LoggingConfig,
-             "run": RunDirConfig}
+             "run": RunDirConfig, "faults": FaultsConfig}
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
@@ -144,12 +158,13 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     strat = dict(raw.get("strategy") or {})
     spec = strategies.get(strat.get("name", "ddp"))
     sections = {k: from_dict(cls, raw.get(k), k) for k, cls in _SECTIONS.items()}
-    seed, resume = raw.get("seed", 0), raw.get("resume", False)
+    seed, resume = raw.get("seed", 0), raw.get("resume", "auto")
     check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
           "must be an integer >= 0")
-    check(isinstance(resume, bool), "resume", resume, "must be true or false")
+    check(isinstance(resume, bool) or resume == "auto", "resume", resume, "must be true, false or auto")
     cfg = RunConfig(strategy=from_dict(spec.config_cls, strat, "strategy"), seed=seed, resume=resume,
                     **sections)
+    cfg.faults.validate_ranks(cfg.cluster.num_workers)
     if cfg.model.name == "char_transformer":
         check(cfg.data.name == "chars", "data.name", cfg.data.name, "model=char_transformer needs data=chars")
     else:

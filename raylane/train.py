@@ -15,9 +15,7 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import sys
-import time
 from typing import Any
 
 from raylane import config
@@ -70,16 +68,6 @@ def build_jobs(overrides: list[str], multirun: bool) -> list[Any]:
     return jobs
 
 
-def prepare_run_dir(cfg: Any) -> None:
-    """A fresh run never overwrites an old one: an existing run dir is moved aside."""
-    path = cfg.run.path()
-    if cfg.resume or not path.exists() or not any(path.iterdir()):
-        return
-    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(path), str(aside))
-    log.warning("%s already held a run; moved it to %s (use resume=true to continue a run)", path, aside)
-
-
 def connect_ray(cluster: Any) -> bool:
     """Connect to the configured cluster, or start a local one. True when all runs on loopback.
 
@@ -126,7 +114,6 @@ def run_jobs(jobs: list[Any]) -> int:
     loopback = connect_ray(jobs[0].cluster)
     try:
         for cfg in jobs:
-            prepare_run_dir(cfg)
             log.info("run %s -> %s", cfg.run.name, cfg.run.path())
             summary = run(cfg, loopback)
             print(summary.table(), flush=True)

@@ -113,6 +113,17 @@ class Communicator:
         self.pg, self.rank, self.world_size, self.backend = pg, rank, world_size, backend
         self.link = link or Link()
         self.stats = CommStats()
+        # Fault-injection hooks (null by default): called with the op name before it is
+        # issued, and on every tensor this rank sends (may return a replacement).
+        self.before_op: Callable[[str], None] | None = None
+        self.outgoing: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _prepare(self, op: str, t: torch.Tensor) -> torch.Tensor:
+        if self.before_op is not None:
+            self.before_op(op)
+        if self.outgoing is not None:
+            t.copy_(self.outgoing(t))
+        return t
 
     # -- bookkeeping -----------------------------------------------------------------
     def _issue(self, op: str, traffic: wire.Traffic, works: list, finish: Callable[[], Any],
@@ -137,6 +148,7 @@ class Communicator:
             raise ValueError(f"allreduce op={op!r}: choose one of {sorted(_REDUCE_OPS)}")
         opts = dist.AllreduceOptions()
         opts.reduceOp = _REDUCE_OPS[op]
+        self._prepare("allreduce", t)
         works = [self.pg.allreduce([t], opts)] if self.world_size > 1 else []
 
         def finish() -> torch.Tensor:
@@ -148,6 +160,7 @@ class Communicator:
     def allgather(self, t: torch.Tensor, async_op: bool = False, label: str = "allgather") -> Any:
         """Every rank's `t` (same shape everywhere), as a list indexed by rank."""
         out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._prepare("allgather", t)
         works = [self.pg.allgather([out], [t])] if self.world_size > 1 else []
         if self.world_size == 1:
             out[0].copy_(t)
@@ -168,7 +181,7 @@ class Communicator:
             received[0].copy_(chunks[0])
             works = []
         else:
-            flat_in = torch.cat([c.reshape(-1) for c in chunks])
+            flat_in = self._prepare("alltoall", torch.cat([c.reshape(-1) for c in chunks]))
             flat_out = torch.empty(sum(r.numel() for r in received), dtype=dtype, device=device)
             works = [self.pg.alltoall_base(flat_out, flat_in, [r.numel() for r in received],
                                            [c.numel() for c in chunks], dist.AllToAllOptions())]
@@ -209,6 +222,8 @@ class Communicator:
         """In-place broadcast of `t` from rank `src`. Returns `t`."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
+        if self.rank == src:
+            self._prepare("broadcast", t)
         works = [self.pg.broadcast([t], opts)] if self.world_size > 1 else []
         nbytes = t.numel() * t.element_size()
         model = wire.gloo_broadcast if self.backend == "gloo" else wire.chain_broadcast
@@ -217,6 +232,7 @@ class Communicator:
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Any:
         nbytes = t.numel() * t.element_size()
+        self._prepare("send", t)
         return self._issue("send", wire.Traffic(nbytes, 0, 1, 0), [self.pg.send([t], dst, tag)],
                            lambda: t, async_op)
 

@@ -1,48 +1,68 @@
-"""Coordinator: owns one run — workers, rounds, evaluation, checkpoints, metrics.
+"""Coordinator: owns one run — workers, rounds, evaluation, checkpoints, faults, metrics.
 
 Call order: `Coordinator(cfg)` → `train()` (optionally `train(until_step=k)` to stop
-early, e.g. to rehearse a resume) → `close()`. `run(cfg)` does all three.
-With `resume=true` it continues from the newest valid checkpoint in `run.dir`.
+early) → `close()`. `run(cfg)` does all three. With `resume=true` it continues from
+the newest valid checkpoint in `run.dir`.
+
+A round that fails (a worker died, hung, or its collective broke) is recovered in place
+(`recovery.py`), then the step is run again: every step is applied exactly once.
 It never names a strategy, model or compressor: the strategy comes from the registry.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import yaml
 
 from raylane import strategies
 from raylane.orchestrator import checkpoint
+from raylane.orchestrator.faults import FaultPlan
 from raylane.orchestrator.metrics import MetricsSink
+from raylane.orchestrator.outliers import OutlierDetector
+from raylane.orchestrator.recovery import Recovery
+from raylane.orchestrator.rundir import prepare_run_dir
 from raylane.orchestrator.summary import Summary
-from raylane.orchestrator.worker_group import WorkerGroup
+from raylane.orchestrator.worker_group import WorkerFailure, WorkerGroup
 from raylane.workers.optim import lr_at
 
 log = logging.getLogger(__name__)
 
+DRIVER_CRASH_EXIT = 3
+
 
 class Coordinator:
-    def __init__(self, cfg: Any, loopback: bool = True):
+    def __init__(self, cfg: Any, loopback: bool = True,
+                 fault_hook: Callable[[Any, set[int], str], None] | None = None):
+        """`fault_hook(event, ranks, node_id)` runs after a driver-side fault killed `ranks`
+        (tests use it to remove a Ray node, or take away the capacity a replacement needs)."""
         self.cfg = cfg
+        prepare_run_dir(cfg)  # resolves resume=auto
         self.run_dir: Path = cfg.run.path()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.spec = strategies.get(cfg.strategy.name)
         self.driver = self.spec.driver_cls(cfg.strategy, cfg.cluster.num_workers)
+        self.plan = FaultPlan(cfg.faults, cfg.seed, self.run_dir / "faults_fired.json")
+        self.fault_hook = fault_hook
         self.group = WorkerGroup(cfg, loopback)
+        self.group.links = self.plan.links(cfg.cluster.num_workers)
         self.step, self.samples = 0, 0
+        self.samples_at: dict[int, int] = {0: 0}
         self.summary = Summary()
+        self.outliers = OutlierDetector(cfg.faults.outlier_window, cfg.faults.outlier_factor,
+                                        cfg.faults.outlier_min_s)
         self.group.start()
         if cfg.resume:
-            self._restore()
+            self.restore_checkpoint()
         self.metrics = MetricsSink(self.run_dir, cfg.logging, cfg.train.steps, self.step, self._run_id(),
                                    cfg.run.name, cfg.to_dict())
+        self.recovery = Recovery(self)
         if cfg.resume:
             self.metrics.event(self.step, "resumed", from_step=self.step)
 
@@ -50,6 +70,8 @@ class Coordinator:
         """Stable across resumes: kept in <run.dir>/run_id."""
         path = self.run_dir / "run_id"
         if not path.exists():
+            import uuid
+
             path.write_text(uuid.uuid4().hex[:12])
         return path.read_text().strip()
 
@@ -64,44 +86,80 @@ class Coordinator:
         t_start = time.perf_counter()
         while self.step < last:
             step = self.step + 1
+            self._driver_faults(step)
+            self.recovery.maybe_grow(step)
             lr = lr_at(step, cfg.train.steps, cfg.optim)
+            self.group.begin_step(step, self.plan.directives(step, self.group.world_size))
             t0 = time.perf_counter()
-            results = self.driver.run_round(self.group, step, self.samples, lr)
+            try:
+                results = self.driver.run_round(self.group, step, self.samples, lr)
+            except WorkerFailure as failure:
+                self.recovery.recover(failure, step, time.perf_counter() - t0)
+                continue
             self.step, self.samples = step, self.samples + self.global_batch
+            self.samples_at[step] = self.samples
+            self.samples_at.pop(step - 10_000, None)
             self._log_step(step, results, time.perf_counter() - t0, lr)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 self.evaluate()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
         if self.step == cfg.train.steps:
-            if self.summary.eval_loss is None or self.summary.eval_step != self.step:
-                self.evaluate()
-            if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
-                self.save_checkpoint()
+            self._finish()
         self.summary.wall_s += time.perf_counter() - t_start
         return self.summary
+
+    def _finish(self) -> None:
+        if self.summary.eval_step != self.step:
+            self.evaluate()
+        if not self.cfg.checkpoint.every or self.step % self.cfg.checkpoint.every:
+            self.save_checkpoint()
+        (self.run_dir / "summary.yaml").write_text(yaml.safe_dump(self.summary.as_dict(), sort_keys=False))
+
+    def _driver_faults(self, step: int) -> None:
+        for event in self.plan.driver_events(step):
+            self.metrics.event(step, "fault_injected", kind=event.kind, rank=event.rank)
+            if event.kind == "driver_crash":
+                log.error("fault plan: the driver crashes at step %d", step)
+                self.metrics.close()
+                ray.shutdown()
+                os._exit(DRIVER_CRASH_EXIT)
+            node = self.group.addresses[event.rank]["node_id"]
+            ranks = {event.rank}
+            if event.kind == "node_loss":
+                ranks = {r for r, a in enumerate(self.group.addresses) if a["node_id"] == node}
+            self.group.kill(ranks)
+            if self.fault_hook is not None:
+                self.fault_hook(event, ranks, node)
 
     def _log_step(self, step: int, results: list[dict], round_s: float, lr: float) -> None:
         n = len(results)
         loss = sum(r["loss"] for r in results) / n
         sent = sum(r["bytes_sent"] for r in results)
-        recv = sum(r["bytes_recv"] for r in results)
         tokens = sum(r["tokens"] for r in results)
+        self.summary.record_step(step, loss, sent, tokens)
         metrics = {"train/loss": loss, "train/lr": lr, "train/round_s": round_s,
                    "train/tokens_per_s": tokens / round_s,
                    "train/step_time_s": max(r["step_time_s"] for r in results),
-                   "comm/bytes_sent": sent, "comm/bytes_recv": recv,
-                   "comm/bytes_sent_per_worker": sent / n,
+                   "train/workers": n,
+                   "comm/bytes_sent": sent, "comm/bytes_recv": sum(r["bytes_recv"] for r in results),
+                   "comm/bytes_sent_per_worker": sent / n, "comm/bytes_total": self.summary.bytes_sent_total,
                    "comm/wait_s": max(r.get("comm_wait_s", 0.0) for r in results),
-                   **{f"comm/bytes_sent/rank{r['rank']}": r["bytes_sent"] for r in results}}
-        self.summary.record_step(step, loss, sent, tokens)
-        metrics["comm/bytes_total"] = self.summary.bytes_sent_total
+                   **{f"comm/bytes_sent/rank{r['rank']}": r["bytes_sent"] for r in results},
+                   **{k: v for r in results[:1] for k, v in r.items() if "/" in k}}
         self.metrics.log(step, metrics, advance=1)
+        if self.cfg.faults.detect_outliers:
+            for rank, mine, peers in self.outliers.observe(results):
+                self.metrics.event(step, "outlier", rank=rank, compute_s=mine, peers_s=peers)
+                log.warning("worker %d is an outlier: %.3fs outside collectives vs %.3fs for its peers",
+                            rank, mine, peers)
+                if self.cfg.faults.isolate_outliers:
+                    self.group.kill({rank})
 
     def evaluate(self) -> float:
+        self.group.begin_step(self.step, {})
         parts = self.group.get(self.group.call("evaluate", self.group.world_size))
-        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        loss = total / max(1, count)
+        loss = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
         self.summary.record_eval(self.step, loss)
         self.metrics.log(self.step, {"eval/loss": loss})
         return loss
@@ -109,8 +167,8 @@ class Coordinator:
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         identical = self.spec.worker_cls.replicas_identical
-        states = self.group.get([a.state_dict.remote(replica=(r == 0 or not identical))
-                                 for r, a in enumerate(self.group.actors)])
+        states = ray.get([a.state_dict.remote(replica=(r == 0 or not identical))
+                          for r, a in enumerate(self.group.actors)], timeout=self.cfg.cluster.round_timeout_s)
         parts: dict[str, Any] = {"driver": {"strategy": self.driver.state_dict(), "step": self.step,
                                             "samples": self.samples, "summary": self.summary.state_dict()}}
         for r, s in enumerate(states):
@@ -123,28 +181,35 @@ class Coordinator:
         self.metrics.event(self.step, "checkpoint", path=str(path))
         return path
 
-    def _restore(self) -> None:
+    def restore_checkpoint(self) -> bool:
+        """Load the newest valid checkpoint into every worker; False when there is none."""
         found = checkpoint.latest(self.run_dir / "checkpoints")
         if found is None:
-            log.warning("resume=true but %s has no valid checkpoint: starting from step 0", self.run_dir)
-            return
+            log.warning("no valid checkpoint in %s: starting from step 0", self.run_dir)
+            return False
         path, meta = found
         driver = checkpoint.load_part(path, "driver")
         self.driver.load_state_dict(driver["strategy"])
         self.step, self.samples = driver["step"], driver["samples"]
+        self.samples_at[self.step] = self.samples
         self.summary.load_state_dict(driver["summary"])
         shared = ray.put(checkpoint.load_part(path, "replica")) if meta["replicas_identical"] else None
         refs = []
         for r, actor in enumerate(self.group.actors):
-            replica = shared if shared is not None else checkpoint.load_part(path, f"replica_{r}")
+            replica = shared
+            if replica is None:
+                replica = checkpoint.load_part(path, f"replica_{min(r, meta['world_size'] - 1)}")
             local = checkpoint.load_part(path, f"local_{r}") if f"local_{r}.pt" in meta["files"] else None
             refs.append(actor.load_state_dict.remote(replica, local))
-        self.group.get(refs)
-        log.info("resumed from %s at step %d", path, self.step)
+            refs.append(actor.set_step.remote(self.step))
+        ray.get(refs, timeout=self.cfg.cluster.round_timeout_s)
+        log.info("restored %s at step %d", path, self.step)
+        return True
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        self.recovery.abandon() if hasattr(self, "recovery") else None
         self.group.shutdown()
 
 

@@ -93,9 +93,11 @@ class MetricsSink:
                      if k in ("train/loss", "eval/loss") and v is not None}
             self.bar.update(advance, shown)
 
-    def event(self, step: int, kind: str, **fields: Any) -> None:
-        """A discrete event (fault, recovery, checkpoint) as its own JSON line."""
-        self.log(step, {"event": kind, **fields})
+    def event(self, step: int, name: str, **fields: Any) -> None:
+        """A discrete event (fault, recovery, checkpoint) as its own JSON line (not sent to W&B:
+        its numbers are logged as `faults/` metrics by the caller)."""
+        record = {"step": step, "time_s": round(time.time() - self.t0, 4), "event": name, **_clean(fields)}
+        self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.bar.close()

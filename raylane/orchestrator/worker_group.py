@@ -1,49 +1,74 @@
-"""WorkerGroup: starts, calls and stops the TrainWorker actors, and forms their process group.
+"""WorkerGroup: starts, calls, replaces and stops the TrainWorker actors; forms their process group.
 
 The run's TCPStore lives here, in the driver, never in a worker, so any worker may die.
-`form_group()` starts a new generation: every live worker joins a fresh group under the
-prefix `gen<n>` of that store, inside its existing process. Every wait is bounded
-(`cluster.start_timeout_s`), so a worker that never comes up is reported, not waited on.
+`form_group()` starts a new generation: every member joins a fresh group under the prefix
+`gen<n>` of that store, inside its existing process. Every wait is bounded: `get()`
+classifies what did not come back — dead (the actor died), errored (its collective
+failed because a peer died or timed out), hung (no answer by the round deadline) — and
+raises `WorkerFailure` for the coordinator to recover from.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from raylane.comm import host_store
+from raylane.comm import Link, host_store
+from raylane.workers.chaos import Directive
 from raylane.workers.worker import TrainWorker
 
 log = logging.getLogger(__name__)
+
+GRACE_S = 3.0  # after the first failure of a round, how long the others get to answer
 
 
 class WorkerStartError(RuntimeError):
     """Workers did not come up in time (not enough resources, or they crashed at start)."""
 
 
+@dataclass
+class WorkerFailure(Exception):
+    dead: set[int] = field(default_factory=set)
+    errored: set[int] = field(default_factory=set)
+    hung: set[int] = field(default_factory=set)
+    detected_at: float = field(default_factory=time.monotonic)
+
+    def __str__(self) -> str:
+        return f"dead={sorted(self.dead)} hung={sorted(self.hung)} errored={sorted(self.errored)}"
+
+
 class WorkerGroup:
     def __init__(self, cfg: Any, loopback: bool):
         self.cfg = cfg
-        self.world_size = cfg.cluster.num_workers
         self.loopback = loopback
         self.generation = -1
         self.actors: list[Any] = []
+        self.addresses: list[dict[str, Any]] = []
+        self.links: dict[int, Link] = {}
         self.store_host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         self.store = host_store(self.store_host, cfg.cluster.start_timeout_s)
-        self.addresses: list[dict[str, Any]] = []
+        self._step, self._directives = 0, {}
+        self._ref_rank: dict[Any, int] = {}
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
 
     # -- lifecycle --------------------------------------------------------------------
+    def new_actor(self, rank: int) -> Any:
+        c = self.cfg.cluster
+        return ray.remote(TrainWorker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+                                               max_restarts=0).remote(self.cfg, rank, max(1, int(c.cpus_per_worker)))
+
     def start(self) -> None:
         c = self.cfg.cluster
-        actor_cls = ray.remote(TrainWorker)
-        threads = max(1, int(c.cpus_per_worker))
-        self.actors = [actor_cls.options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
-                                         max_restarts=0, name=None).remote(self.cfg, r, threads)
-                       for r in range(self.world_size)]
+        self.actors = [self.new_actor(r) for r in range(c.num_workers)]
         try:
-            self.addresses = self.get([a.address.remote() for a in self.actors], timeout=c.start_timeout_s)
+            self.addresses = ray.get([a.address.remote() for a in self.actors], timeout=c.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise WorkerStartError(
@@ -52,32 +77,77 @@ class WorkerGroup:
         self.form_group()
 
     def form_group(self) -> None:
-        """Every worker joins a new group generation; blocks until all have."""
+        """Every member joins a new group generation; blocks (bounded) until all have."""
         self.generation += 1
         c = self.cfg.cluster
         refs = [a.connect.remote(self.store_host, self.store.port, self.generation, r, self.world_size,
-                                 c.resolved_backend(), c.collective_timeout_s,
-                                 None, None if self.loopback else self.addresses[r]["ip"])
+                                 c.resolved_backend(), c.collective_timeout_s, self.links.get(r),
+                                 None if self.loopback else self.addresses[r]["ip"])
                 for r, a in enumerate(self.actors)]
-        self.get(refs, timeout=c.start_timeout_s)
+        ray.get(refs, timeout=c.start_timeout_s)
         log.info("process group generation %d formed with %d workers", self.generation, self.world_size)
+
+    def set_members(self, actors: list[Any], addresses: list[dict[str, Any]]) -> None:
+        self.actors, self.addresses = list(actors), list(addresses)
+
+    def kill(self, ranks: set[int]) -> None:
+        for r in ranks:
+            ray.kill(self.actors[r], no_restart=True)
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
 
-    # -- calls ------------------------------------------------------------------------
-    def call(self, method: str, *args: Any, ranks: list[int] | None = None, **kwargs: Any) -> list:
-        """Start `method` on the given ranks (default all); returns ObjectRefs in rank order.
+    def probe(self, timeout_s: float = 5.0) -> dict[int, int]:
+        """Heartbeat: {rank: last applied step} of the members that answer within `timeout_s`."""
+        refs = {a.ping.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        alive = {}
+        for ref in ready:
+            try:
+                alive[refs[ref]] = ray.get(ref)[1]
+            except ray.exceptions.RayError:
+                pass
+        return alive
 
-        TrainWorker's own methods are called directly; anything else is a method of the
-        strategy's worker half.
+    # -- calls ------------------------------------------------------------------------
+    def begin_step(self, step: int, directives: dict[int, Directive]) -> None:
+        """Calls from now on belong to `step`; each rank's directive goes with its first call."""
+        self._step, self._directives = step, dict(directives)
+
+    def call(self, method: str, *args: Any, ranks: list[int] | None = None, **kwargs: Any) -> list:
+        """Start `method` on the given ranks (default all); ObjectRefs in rank order.
+
+        TrainWorker's own methods run on it; anything else on the strategy's worker half.
         """
-        targets = [self.actors[r] for r in (range(self.world_size) if ranks is None else ranks)]
-        if hasattr(TrainWorker, method):
-            return [getattr(a, method).remote(*args, **kwargs) for a in targets]
-        return [a.call.remote(method, *args, **kwargs) for a in targets]
+        refs = []
+        for r in range(self.world_size) if ranks is None else ranks:
+            ref = self.actors[r].run.remote(self._directives.pop(r, None), self._step, method, *args, **kwargs)
+            self._ref_rank[ref] = r
+            refs.append(ref)
+        return refs
 
     def get(self, refs: list, timeout: float | None = None) -> list:
-        return ray.get(refs, timeout=timeout)
+        """Results in order, or WorkerFailure naming who died, who errored and who hung."""
+        deadline = time.monotonic() + (timeout or self.cfg.cluster.round_timeout_s)
+        pending, results, failure = list(refs), {}, WorkerFailure()
+        while pending and time.monotonic() < deadline:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                rank = self._ref_rank.get(ref, -1)
+                try:
+                    results[ref] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    failure.dead.add(rank)
+                except ray.exceptions.RayError as e:
+                    log.warning("worker %d failed: %s", rank, str(e).strip().splitlines()[-1][:200])
+                    failure.errored.add(rank)
+                if (failure.dead or failure.errored) and pending:
+                    deadline = min(deadline, time.monotonic() + GRACE_S + self.cfg.cluster.collective_timeout_s)
+        failure.hung = {self._ref_rank.get(ref, -1) for ref in pending}
+        for ref in refs:
+            self._ref_rank.pop(ref, None)
+        if failure.dead or failure.errored or failure.hung:
+            raise failure
+        return [results[ref] for ref in refs]

@@ -49,6 +49,8 @@ class WorkerStrategy:
     # True when every replica holds the same parameters and state after each step (ddp):
     # checkpoints then keep one copy, and a new worker can copy any live peer.
     replicas_identical: ClassVar[bool] = True
+    # The worker methods whose success means this worker applied the step's update.
+    update_methods: ClassVar[tuple[str, ...]] = ("train_step",)
 
     def __init__(self, cfg: Any, ctx: WorkerContext):
         self.cfg, self.ctx = cfg, ctx

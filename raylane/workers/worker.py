@@ -18,6 +18,7 @@ import torch
 
 from raylane.comm import Link, connect
 from raylane.strategies import get as get_strategy
+from raylane.workers import chaos
 from raylane.strategies.base import WorkerContext
 from raylane.workers.data import GlobalSampler, build_dataset
 from raylane.workers.models import build_model, loss_fn
@@ -36,6 +37,7 @@ class TrainWorker:
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.strategy = None
         self.comm = None
+        self.step = 0  # the last step whose update this worker applied
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
 
     # -- group membership -------------------------------------------------------------
@@ -62,6 +64,25 @@ class TrainWorker:
             self.strategy.ctx.rank, self.strategy.ctx.world_size = rank, world_size
             self.strategy.set_comm(self.comm)
         return rank
+
+    def run(self, directive: chaos.Directive | None, step: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Apply this step's fault directive (if any), then run `method` (ours or the strategy's).
+
+        When `method` is one of the strategy's update methods, success means step `step` is applied.
+        """
+        if directive:
+            chaos.apply(directive, self.comm, self.cfg.seed * 7919 + step)
+        try:
+            target = self if hasattr(type(self), method) else self.strategy
+            result = getattr(target, method)(*args, **kwargs)
+        finally:
+            chaos.clear(self.comm)
+        if method in self.strategy.update_methods:
+            self.step = step
+        return result
+
+    def set_step(self, step: int) -> None:
+        self.step = step
 
     # -- compute ----------------------------------------------------------------------
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -130,5 +151,6 @@ class TrainWorker:
     def comm_stats(self) -> dict[str, Any]:
         return self.comm.stats.as_dict()
 
-    def ping(self) -> int:
-        return self.rank
+    def ping(self) -> tuple[int, int]:
+        """(rank, last applied step): a heartbeat."""
+        return self.rank, self.step

@@ -1,0 +1,137 @@
+"""Recovery in place: replace what failed, re-form the group, bring state from a live peer.
+
+`recover(failure, step)` after a failed round:
+1. kill the dead and hung workers (and any that miss the heartbeat);
+2. start a replacement for each at its rank; one not up within `cluster.replace_timeout_s`
+   is dropped (elastic shrink, if `cluster.min_workers` allows) and kept pending to grow
+   back when capacity returns (`maybe_grow`, at a step boundary);
+3. form a new process-group generation in the living processes;
+4. state: from the live peer that applied the most steps (strategies whose replicas are
+   identical), else from the newest valid checkpoint; the coordinator rolls back to that
+   step, so the failed step is run again and no update is applied twice or lost.
+Every fault and recovery is an event in metrics.jsonl and a `faults/` metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from raylane.orchestrator.worker_group import WorkerFailure
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryError(RuntimeError):
+    """Training cannot continue (too few workers, no state to recover from)."""
+
+
+class Recovery:
+    def __init__(self, coord: Any):
+        self.coord = coord
+        self.pending: list[tuple[Any, Any]] = []  # (actor, address ref) waiting for capacity
+
+    # -- membership -------------------------------------------------------------------
+    def _replace(self, lost: set[int]) -> tuple[list[Any], list[dict]]:
+        group, c = self.coord.group, self.coord.cfg.cluster
+        fresh = {r: group.new_actor(r) for r in sorted(lost)}
+        refs = {r: a.address.remote() for r, a in fresh.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=c.replace_timeout_s)
+        actors, addresses = [], []
+        for r in range(group.world_size):
+            if r not in lost:
+                actors.append(group.actors[r])
+                addresses.append(group.addresses[r])
+            elif refs[r] in ready:
+                actors.append(fresh[r])
+                addresses.append(ray.get(refs[r]))
+            else:
+                self.pending.append((fresh[r], refs[r]))
+        if len(actors) < c.floor:
+            raise RecoveryError(f"only {len(actors)} workers after a fault; cluster.min_workers={c.floor}: "
+                                f"lower it to continue with fewer, or add capacity")
+        return actors, addresses
+
+    def _sync_state(self, steps: dict[int, int]) -> str:
+        """Bring every member to the most advanced live state; returns where it came from."""
+        coord, group = self.coord, self.coord.group
+        if steps and coord.spec.worker_cls.replicas_identical:
+            src = max(steps, key=lambda r: (steps[r], -r))
+            src_step = steps[src]
+            replica = ray.put(ray.get(group.actors[src].state_dict.remote(replica=True))["replica"])
+            refs = []
+            for r, actor in enumerate(group.actors):
+                if steps.get(r) != src_step:
+                    refs += [actor.load_state_dict.remote(replica), actor.set_step.remote(src_step)]
+            ray.get(refs, timeout=coord.cfg.cluster.round_timeout_s)
+            coord.step = src_step
+            return f"peer (rank {src})"
+        if coord.restore_checkpoint():
+            return "checkpoint"
+        raise RecoveryError("no live peer holds the state and there is no checkpoint to recover from")
+
+    # -- the two entry points ---------------------------------------------------------
+    def recover(self, failure: WorkerFailure, step: int, detection_s: float) -> None:
+        coord, group = self.coord, self.coord.group
+        t0 = time.monotonic()
+        coord.metrics.event(step, "fault_detected", dead=sorted(failure.dead), hung=sorted(failure.hung),
+                            errored=sorted(failure.errored), detection_s=detection_s)
+        log.warning("step %d failed (%s); recovering", step, failure)
+        lost = failure.dead | failure.hung
+        group.kill(lost)
+        alive = {r: s for r, s in group.probe().items() if r not in lost}
+        lost |= set(range(group.world_size)) - set(alive)
+        group.kill(lost)
+        old_ranks = [r for r in range(group.world_size) if r not in lost]
+        actors, addresses = self._replace(lost)
+        # members keep their order; a surviving worker's applied step follows it to its new rank
+        kept = {id(group.actors[r]): alive[r] for r in old_ranks}
+        group.set_members(actors, addresses)
+        group.form_group()
+        steps = {r: kept[id(a)] for r, a in enumerate(actors) if id(a) in kept}
+        source = self._sync_state(steps)
+        self._resized()
+        recovery_s = time.monotonic() - t0
+        lost_steps = max(0, step - 1 - coord.step)
+        coord.metrics.event(step, "recovered", source=source, workers=group.world_size, recovery_s=recovery_s,
+                            steps_lost=lost_steps, resume_step=coord.step + 1)
+        coord.metrics.log(step, {"faults/events": 1, "faults/recovery_s": recovery_s,
+                                 "faults/detection_s": detection_s, "faults/steps_lost": lost_steps,
+                                 "faults/workers": group.world_size})
+        log.warning("recovered from %s in %.2fs with %d workers; continuing at step %d",
+                    source, recovery_s, group.world_size, coord.step + 1)
+
+    def maybe_grow(self, step: int) -> None:
+        """Grow back: pending replacements that came up join at this step boundary."""
+        if not self.pending or not self.coord.spec.worker_cls.replicas_identical:
+            return
+        ready_refs = {ref for ref in ray.wait([r for _, r in self.pending], num_returns=len(self.pending),
+                                              timeout=0)[0]}
+        joining = [(a, ref) for a, ref in self.pending if ref in ready_refs]
+        if not joining:
+            return
+        coord, group = self.coord, self.coord.group
+        t0 = time.monotonic()
+        self.pending = [p for p in self.pending if p[1] not in ready_refs]
+        joining = joining[:coord.cfg.cluster.num_workers - group.world_size]
+        group.set_members(group.actors + [a for a, _ in joining],
+                          group.addresses + [ray.get(ref) for _, ref in joining])
+        group.form_group()
+        self._sync_state({r: coord.step for r in range(group.world_size - len(joining))})
+        self._resized()
+        coord.metrics.event(step, "grown", workers=group.world_size, seconds=time.monotonic() - t0)
+        log.info("grew back to %d workers at step %d", group.world_size, step)
+
+    def _resized(self) -> None:
+        coord = self.coord
+        coord.samples = coord.samples_at[coord.step]
+        coord.driver.world_size = coord.group.world_size
+        coord.outliers.reset()
+
+    def abandon(self) -> None:
+        for actor, _ in self.pending:
+            ray.kill(actor, no_restart=True)
+        self.pending = []

@@ -1,0 +1,83 @@
+"""Straggler delay models: how long worker `rank` is held back at step `step`.
+
+Every model is a pure function of (seed, rank, step), so a run can be replayed exactly.
+- `fixed`: always `delay_s`.
+- `random`: exponential with mean `delay_s`.
+- `bursty`: a two-state on/off Markov chain per worker (enter a burst with probability
+  `p_on`, leave it with `p_off`); `delay_s` while on, 0 while off.
+- `trace`: replay measured per-round times (CSV: a `round` column, then one column per
+  worker, seconds) — e.g. the AWS Lambda traces of the Sequential Gradient Coding
+  authors. Worker i of n takes column i; a round's delay is its time minus that round's
+  fastest time, times `scale` (to bring Lambda seconds to local step times); rounds wrap.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from raylane.validation import check, one_of
+
+MODELS = ("fixed", "random", "bursty", "trace")
+
+
+@dataclass
+class StragglerModel:
+    model: str = "fixed"
+    delay_s: float = 0.5
+    p_on: float = 0.1
+    p_off: float = 0.5
+    trace: str | None = None       # CSV path for model=trace
+    scale: float = 0.05
+    ranks: list[int] = field(default_factory=list)   # empty: every rank (fixed/random/bursty); trace: all
+
+    def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.model", self.model, MODELS)
+        check(self.delay_s >= 0, f"{prefix}.delay_s", self.delay_s, "must be >= 0")
+        check(0 <= self.p_on <= 1, f"{prefix}.p_on", self.p_on, "must be in [0, 1]")
+        check(0 <= self.p_off <= 1, f"{prefix}.p_off", self.p_off, "must be in [0, 1]")
+        check(self.scale >= 0, f"{prefix}.scale", self.scale, "must be >= 0")
+        if self.model == "trace":
+            check(self.trace is not None and Path(self.trace).is_file(), f"{prefix}.trace", self.trace,
+                  "must be a readable CSV of per-round worker times")
+
+    def delay(self, seed: int, rank: int, step: int) -> float:
+        """Seconds rank `rank` is delayed at 1-based step `step`."""
+        if self.ranks and rank not in self.ranks:
+            return 0.0
+        if self.model == "fixed":
+            return self.delay_s
+        if self.model == "random":
+            return random.Random(f"{seed}/{rank}/{step}/random").expovariate(1 / self.delay_s) \
+                if self.delay_s > 0 else 0.0
+        if self.model == "bursty":
+            return self.delay_s if _bursty_on(seed, rank, step, self.p_on, self.p_off) else 0.0
+        rows = load_trace(self.trace)
+        row = rows[(step - 1) % len(rows)]
+        return (row[rank % len(row)] - min(row)) * self.scale
+
+
+_CHAINS: dict[tuple, list[bool]] = {}
+
+
+def _bursty_on(seed: int, rank: int, step: int, p_on: float, p_off: float) -> bool:
+    """State at `step` of a seeded on/off Markov chain (states cached, extended as needed)."""
+    states = _CHAINS.setdefault((seed, rank, p_on, p_off), [])
+    while len(states) < step:
+        u = random.Random(f"{seed}/{rank}/{len(states)}/bursty").random()
+        prev = states[-1] if states else False
+        states.append((u >= p_off) if prev else (u < p_on))
+    return states[step - 1]
+
+
+@lru_cache(maxsize=8)
+def load_trace(path: str) -> list[list[float]]:
+    """Rows of per-worker round times (seconds) from a trace CSV."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        first = 1 if header and header[0] == "round" else 0
+        return [[float(v) for v in row[first:]] for row in reader if row]
