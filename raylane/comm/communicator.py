@@ -15,7 +15,9 @@ Communicator does not retry: the caller re-forms the group.
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -117,6 +119,7 @@ class Communicator:
         # issued, and on every tensor this rank sends (may return a replacement).
         self.before_op: Callable[[str], None] | None = None
         self.outgoing: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()
 
     def _prepare(self, op: str, t: torch.Tensor) -> torch.Tensor:
         if self.before_op is not None:
@@ -130,6 +133,7 @@ class Communicator:
                async_op: bool) -> Any:
         self.stats.add(op, traffic)
         handle = Handle(works, finish, self.link.delay_s(traffic), self.stats)
+        self._handles.add(handle)
         return handle if async_op else handle.wait()
 
     def _allreduce_traffic(self, t: torch.Tensor) -> wire.Traffic:
@@ -246,11 +250,10 @@ class Communicator:
             self.pg.barrier().wait()
 
     def abort(self) -> None:
-        """Drop the process group (its pending ops fail); the Communicator is unusable after."""
-        pg, self.pg = self.pg, None
-        shutdown = getattr(pg, "shutdown", None) or getattr(pg, "abort", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except RuntimeError:
-                pass
+        """Drop the process group and every pending op on it. Destroying the group closes its
+        connections, so peers blocked on this rank fail at once instead of at their timeout.
+        The Communicator is unusable after."""
+        for handle in list(self._handles):
+            handle._works = []
+        self.pg = None
+        gc.collect()

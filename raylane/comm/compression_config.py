@@ -1,0 +1,93 @@
+"""The `compression` config group: a compressor's name and parameters, validated, then built.
+
+configs/compression/*.yaml each hold `name:` plus the parameters that compressor takes; any
+strategy names one. Parameters left None take the compressor's defaults; a parameter the named
+compressor does not take is an error, as is an unknown name or an impossible value, each a
+one-line ValueError naming the key (`compression.bits=3: must be one of [4, 8]`).
+`none` is exact full precision, chosen explicitly; nothing falls back to it.
+
+Registry: `register_compressor(name, factory)`; a duplicate name raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from raylane.comm.compressors import Bf16, Compressor, Fp16, Identity, Zstd
+from raylane.comm.error_feedback import ErrorFeedback
+from raylane.comm.powersgd import PowerSGD
+from raylane.comm.quantizers import FP4Quantizer, IntQuantizer, SignQuantizer
+from raylane.comm.sparse import RandomK, TopK
+
+_REGISTRY: dict[str, Callable[..., Compressor]] = {}
+# Compressors whose randomness should differ across ranks (rounding noise): build() adds the rank to
+# their seed. Random-k is not among them: its positions must agree across ranks.
+_PER_RANK_SEED = ("int", "fp4")
+
+
+def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
+    """Make `name` buildable from config; `factory`'s keyword parameters are its config keys."""
+    if name in _REGISTRY:
+        raise ValueError(f"compressor {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def compressor_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+for _name, _factory in [("none", Identity), ("fp16", Fp16), ("bf16", Bf16), ("int", IntQuantizer),
+                        ("fp4", FP4Quantizer), ("sign", SignQuantizer), ("topk", TopK), ("randomk", RandomK),
+                        ("powersgd", PowerSGD)]:
+    register_compressor(_name, _factory)
+
+
+@dataclass
+class CompressionConfig:
+    """`name` picks the compressor; the other fields are its parameters (None: its default)."""
+
+    name: str = "none"
+    bits: Optional[int] = None  # int: 4 | 8
+    block_size: Optional[int] = None  # int, fp4, sign: values per fp32 scale
+    stochastic: Optional[bool] = None  # int, fp4: stochastic rounding
+    format: Optional[str] = None  # fp4: e2m1 | e3m0
+    ratio: Optional[float] = None  # topk, randomk: fraction of values kept
+    rank: Optional[int] = None  # powersgd
+    warm_start: Optional[bool] = None  # powersgd
+    seed: Optional[int] = None  # int, fp4, randomk, powersgd
+    zstd_level: Optional[int] = None  # a lossless zstd stage after the compressor (1..22); None: no stage
+    error_feedback: bool = False  # keep and re-send what compression left out
+
+    def params(self) -> dict:
+        skip = {"name", "zstd_level", "error_feedback"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+    def validate(self, prefix: str = "compression") -> None:
+        """Raise ValueError (`{prefix}.{key}={value}: ...`) unless `build()` would succeed."""
+        self.build(prefix=prefix)
+
+    def build(self, rank: int = 0, prefix: str = "compression") -> Compressor:
+        """The compressor for worker `rank` (rank offsets the seed of rounding noise only)."""
+        factory = _REGISTRY.get(self.name)
+        if factory is None:
+            raise ValueError(f"{prefix}.name={self.name!r}: unknown compressor; must be one of {compressor_names()}")
+        params, takes = self.params(), inspect.signature(factory).parameters
+        for key, value in params.items():
+            if key not in takes:
+                raise ValueError(f"{prefix}.{key}={value!r}: compressor {self.name!r} does not take it "
+                                 f"(it takes {sorted(takes) or 'nothing'})")
+        if self.name in _PER_RANK_SEED and params.get("stochastic"):
+            params["seed"] = params.get("seed", 0) + rank
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"{prefix}.error_feedback={self.error_feedback!r}: must be one of [False, True]")
+        try:
+            compressor = factory(**params)
+            if self.error_feedback:
+                compressor = ErrorFeedback(compressor)
+            return compressor if self.zstd_level is None else Zstd(compressor, self.zstd_level)
+        except ValueError as err:
+            raise ValueError(f"{prefix}.{err}") from None
