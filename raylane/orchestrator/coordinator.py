@@ -159,10 +159,12 @@ class Coordinator:
     def evaluate(self) -> float:
         self.group.begin_step(self.step, {})
         parts = self.group.get(self.group.call("evaluate", self.group.world_size))
-        loss = sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
-        self.summary.record_eval(self.step, loss)
-        self.metrics.log(self.step, {"eval/loss": loss})
-        return loss
+        views = self.spec.worker_cls.eval_views
+        losses = {v: sum(p[v][0] for p in parts) / max(1, sum(p[v][1] for p in parts)) for v in views}
+        self.summary.record_eval(self.step, losses[views[0]])
+        self.metrics.log(self.step, {"eval/loss" if i == 0 else f"eval/loss_{v}": losses[v]
+                                     for i, v in enumerate(views)})
+        return losses[views[0]]
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

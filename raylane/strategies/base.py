@@ -58,9 +58,14 @@ class WorkerStrategy:
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__}.train_step")
 
+    # Parameter views evaluation reports: the first is `eval/loss`, others `eval/loss_<view>`
+    # (DiLoCo: "global" outer parameters, then "replica_avg").
+    eval_views: ClassVar[tuple[str, ...]] = ("model",)
+
     @contextlib.contextmanager
-    def eval_parameters(self) -> Iterator[None]:
-        """The parameters evaluation should use, in place for the duration (default: the model's)."""
+    def eval_parameters(self, view: str = "model") -> Iterator[None]:
+        """Put the parameters of evaluation view `view` in the model for the duration (default:
+        the model's own). May use collectives: every rank evaluates every view."""
         yield
 
     def set_comm(self, comm: Communicator) -> None:

@@ -50,7 +50,7 @@ class TrainWorker:
     def connect(self, store_host: str, store_port: int, generation: int, rank: int, world_size: int,
                 backend: str, timeout_s: float, link: Link | None = None, bind_host: str | None = None) -> int:
         """Join group generation `generation` as `rank`; returns the rank."""
-        if self.comm is not None:
+        if self.comm is not None and self.comm.pg is not None:
             self.comm.abort()
         self.rank = rank
         self.comm = connect(store_host, store_port, generation, rank, world_size, backend, timeout_s, link,
@@ -75,6 +75,9 @@ class TrainWorker:
         try:
             target = self if hasattr(type(self), method) else self.strategy
             result = getattr(target, method)(*args, **kwargs)
+        except Exception:
+            self.comm.abort()  # our peers blocked on us fail now, not at their collective timeout
+            raise
         finally:
             chaos.clear(self.comm)
         if method in self.strategy.update_methods:
@@ -110,15 +113,18 @@ class TrainWorker:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, num_shards: int) -> tuple[float, int]:
-        """Sum of eval losses and batch count over this rank's share of the eval batches."""
+    def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
+        """Per evaluation view: sum of eval losses and batch count over this rank's share."""
         self.model.eval()
-        total, count = 0.0, 0
-        with self.strategy.eval_parameters():
-            for i in range(self.rank, self.cfg.data.eval_batches, num_shards):
-                total += self._loss(self.data.eval_batch(i, self.cfg.data.batch_size)).item()
-                count += 1
-        return total, count
+        out = {}
+        for view in self.strategy.eval_views:
+            total, count = 0.0, 0
+            with self.strategy.eval_parameters(view):
+                for i in range(self.rank, self.cfg.data.eval_batches, num_shards):
+                    total += self._loss(self.data.eval_batch(i, self.cfg.data.batch_size)).item()
+                    count += 1
+            out[view] = (total, count)
+        return out
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run a strategy-specific worker method (driver-decided strategies)."""
@@ -145,7 +151,7 @@ class TrainWorker:
             random.setstate(local["python"])
 
     def flat_parameters(self) -> torch.Tensor:
-        with self.strategy.eval_parameters():
+        with self.strategy.eval_parameters(self.strategy.eval_views[0]):
             return torch.cat([p.detach().reshape(-1).cpu() for p in self.model.parameters()])
 
     def comm_stats(self) -> dict[str, Any]:
