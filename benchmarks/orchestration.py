@@ -34,10 +34,9 @@ def _cfg(steps: int, root: str):
                         f"cluster.num_workers={WORKERS}", f"run.root={root}", "run.name=bench-raylane"])
 
 
-def _torch_loop(cfg, rank: int, world: int, steps: int) -> list[float]:
-    """The training loop Ray Train and plain DDP run: same model, data, optimizer, clipping."""
+def _setup_ddp(cfg, rank: int, world: int):
+    """torch DDP on the same model, data, optimizer and clipping as raylane: (model, opt, step_fn)."""
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from raylane.workers.data import GlobalSampler, build_dataset
@@ -49,9 +48,9 @@ def _torch_loop(cfg, rank: int, world: int, steps: int) -> list[float]:
     sampler = GlobalSampler(data.num_train, cfg.seed)
     model = DDP(build_model(cfg.model, data.vocab_size, data.input_dim, cfg.data.seq_len, cfg.seed))
     opt = build_optimizer(model.parameters(), cfg.optim)
-    bs, times = cfg.data.batch_size, []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+    bs = cfg.data.batch_size
+
+    def step_fn(step: int) -> float:
         x, y = data.train_batch(sampler.indices((step - 1) * bs * world + rank * bs, bs))
         opt.zero_grad()
         loss = loss_fn(model(x), y)
@@ -60,7 +59,19 @@ def _torch_loop(cfg, rank: int, world: int, steps: int) -> list[float]:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.train.steps, cfg.optim)
         opt.step()
-        loss.item()
+        return loss.item()
+    return model, opt, step_fn
+
+
+def _torch_loop(cfg, rank: int, world: int, steps: int) -> list[float]:
+    """The loop Ray Train and plain DDP run; per-step wall times."""
+    import torch.distributed as dist
+
+    _, _, step_fn = _setup_ddp(cfg, rank, world)
+    times = []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        step_fn(step)
         times.append(time.perf_counter() - t0)
     dist.barrier()
     return times
