@@ -71,9 +71,9 @@ def ring_allreduce(total_bytes: int, world: int) -> Traffic:
 
 
 def allgather(chunk_bytes: int, world: int) -> Traffic:
-    """Ring allgather: (W-1) · C sent and received by every rank."""
+    """Ring allgather: (W-1) · C sent and received by every rank, each chunk in 2 messages (Gloo)."""
     n = (world - 1) * chunk_bytes
-    return Traffic(n, n, world - 1, world - 1)
+    return Traffic(n, n, 2 * (world - 1), 2 * (world - 1))
 
 
 def alltoall(chunk_bytes_out: list[int], chunk_bytes_in: list[int], rank: int) -> Traffic:
