@@ -95,3 +95,13 @@ def test_elastic_shrink_to_3_and_grow_back_to_4_without_restart(ray_cluster, tmp
     assert [x["step"] for x in lines if "train/loss" in x] == list(range(1, 31))
     workers = [x["train/workers"] for x in lines if "train/loss" in x]
     assert workers[:3] == [4, 4, 4] and 3 in workers and workers[-1] == 4
+
+
+def test_slow_worker_is_named_from_collective_timings(ray_cluster, tmp_path):
+    cfg = small_cfg(tmp_path, "train.steps=12", "cluster.num_workers=4", "faults.outlier_window=4",
+                    "+faults.events=[{kind: straggler, rank: 1, straggler: {model: fixed, delay_s: 0.4}}]")
+    _train(cfg)
+    _, events = _events(cfg)
+    outliers = [e for e in events if e["event"] == "outlier"]
+    assert [e["rank"] for e in outliers] == [1]
+    assert outliers[0]["compute_s"] > 3 * outliers[0]["peers_s"]

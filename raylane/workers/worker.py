@@ -70,6 +70,7 @@ class TrainWorker:
 
         When `method` is one of the strategy's update methods, success means step `step` is applied.
         """
+        t0 = time.perf_counter()
         if directive:
             chaos.apply(directive, self.comm, self.cfg.seed * 7919 + step)
         try:
@@ -82,6 +83,8 @@ class TrainWorker:
             chaos.clear(self.comm)
         if method in self.strategy.update_methods:
             self.step = step
+        if isinstance(result, dict) and "step_time_s" in result:
+            result["step_time_s"] = time.perf_counter() - t0  # an injected delay is part of the step
         return result
 
     def set_step(self, step: int) -> None:
