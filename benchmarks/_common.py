@@ -20,7 +20,9 @@ def machine() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:  # noqa: BLE001 - description only
         gpu = "unknown GPU"
-    return f"{os.cpu_count()} cores, {gpu}, {platform.machine()}, Python {platform.python_version()}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} cores, {gpu}, {platform.machine()}, Python {platform.python_version()}, "
+            f"load average at the end {load}")
 
 
 def claim(name: str, value: float, goal: str, holds: bool) -> dict[str, Any]:
