@@ -211,7 +211,8 @@ class Coordinator:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
-        self.recovery.abandon() if hasattr(self, "recovery") else None
+        if hasattr(self, "recovery"):
+            self.recovery.abandon()
         self.group.shutdown()
 
 

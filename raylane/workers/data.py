@@ -152,8 +152,3 @@ class GlobalSampler:
             out[i] = perm[pos]
         return out
 
-
-def shard_range(offset: int, rank: int, batch_size: int) -> tuple[int, int]:
-    """The global samples rank `rank` takes at a step whose batch starts at `offset`."""
-    start = offset + rank * batch_size
-    return start, batch_size
