@@ -165,6 +165,9 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(strategy=from_dict(spec.config_cls, strat, "strategy"), seed=seed, resume=resume,
                     **sections)
     cfg.faults.validate_ranks(cfg.cluster.num_workers)
+    check_run = getattr(cfg.strategy, "check_run", None)  # a strategy's checks against the whole run
+    if check_run is not None:
+        check_run(cfg)
     if cfg.model.name == "char_transformer":
         check(cfg.data.name == "chars", "data.name", cfg.data.name, "model=char_transformer needs data=chars")
     else:

@@ -97,8 +97,8 @@ def start_local_ray(num_cpus: int) -> None:
 
     if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token mode on itself
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")  # "local": never attach to another `ray start` on this machine
 
 
 def _first(e: Exception) -> str:

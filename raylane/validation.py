@@ -73,5 +73,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate(prefix)
+        try:
+            validate(prefix)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a component's own check (e.g. the comm layer's): still a user error
+            raise ConfigError(str(e)) from None
     return obj

@@ -110,6 +110,8 @@ class Coordinator:
         return self.summary
 
     def _finish(self) -> None:
+        self.group.begin_step(self.step, {})
+        self.driver.finish(self.group)
         if self.summary.eval_step != self.step:
             self.evaluate()
         if not self.cfg.checkpoint.every or self.step % self.cfg.checkpoint.every:

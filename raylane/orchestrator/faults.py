@@ -78,7 +78,7 @@ class FaultsConfig:
     def validate_ranks(self, num_workers: int) -> None:
         for i, e in enumerate(self.events):
             key = f"faults.events[{i}].rank"
-            needs_rank = e.kind not in ("straggler", "driver_crash")
+            needs_rank = e.kind not in ("straggler", "driver_crash", "network")
             if needs_rank:
                 check(e.rank is not None, key, e.rank, f"{e.kind} needs a worker rank in [0, {num_workers - 1}]")
             if e.rank is not None:

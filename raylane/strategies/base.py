@@ -97,6 +97,10 @@ class DriverStrategy:
         """Run global step `step` (1-based) whose batch starts at `sample_offset`; per-worker metrics."""
         return workers.get(workers.call("train_step", sample_offset, lr))
 
+    def finish(self, workers: WorkerCalls) -> None:
+        """After the last round, before the final evaluation and checkpoint (e.g. apply work
+        still in flight)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -38,6 +38,7 @@ class TrainWorker:
         self.strategy = None
         self.comm = None
         self.step = 0  # the last step whose update this worker applied
+        self._counted = (0, 0)  # (sent, recv) already reported in step metrics or spent on evaluation
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
 
     # -- group membership -------------------------------------------------------------
@@ -52,7 +53,7 @@ class TrainWorker:
         """Join group generation `generation` as `rank`; returns the rank."""
         if self.comm is not None and self.comm.pg is not None:
             self.comm.abort()
-        self.rank = rank
+        self.rank, self._counted = rank, (0, 0)
         self.comm = connect(store_host, store_port, generation, rank, world_size, backend, timeout_s, link,
                             bind_host)
         if self.strategy is None:
@@ -102,23 +103,29 @@ class TrainWorker:
 
     def train_step(self, sample_offset: int, lr: float) -> dict[str, float]:
         t0 = time.perf_counter()
-        before = self.comm.stats.total()
         wait_before = self.comm.stats.wait_s
         self.model.train()
         batch = self.batch(sample_offset)
         metrics = self.strategy.train_step(batch, lr)
-        after = self.comm.stats.total()
+        sent, recv = self._bytes_since_last_report()
         metrics.update(rank=self.rank, samples=len(batch[1]), tokens=batch[1].numel(),
                        step_time_s=time.perf_counter() - t0,
-                       comm_wait_s=self.comm.stats.wait_s - wait_before,
-                       bytes_sent=after.bytes_sent - before.bytes_sent,
-                       bytes_recv=after.bytes_recv - before.bytes_recv)
+                       comm_wait_s=self.comm.stats.wait_s - wait_before, bytes_sent=sent, bytes_recv=recv)
         return metrics
+
+    def _bytes_since_last_report(self) -> tuple[int, int]:
+        """Training bytes since the last step's report: also what async collectives issued
+        between steps, never what evaluation spent."""
+        total = self.comm.stats.total()
+        sent, recv = total.bytes_sent - self._counted[0], total.bytes_recv - self._counted[1]
+        self._counted = (total.bytes_sent, total.bytes_recv)
+        return sent, recv
 
     @torch.no_grad()
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
         """Per evaluation view: sum of eval losses and batch count over this rank's share."""
         self.model.eval()
+        pending = self._bytes_since_last_report()  # training bytes, kept for the next step's report
         out = {}
         for view in self.strategy.eval_views:
             total, count = 0.0, 0
@@ -127,6 +134,8 @@ class TrainWorker:
                     total += self._loss(self.data.eval_batch(i, self.cfg.data.batch_size)).item()
                     count += 1
             out[view] = (total, count)
+        self._bytes_since_last_report()  # evaluation's own bytes are not training traffic
+        self._counted = (self._counted[0] - pending[0], self._counted[1] - pending[1])
         return out
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
