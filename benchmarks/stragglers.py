@@ -4,7 +4,7 @@ One run, 8 workers of 0.25 CPU on one embedded Ray cluster, the same char transf
 steps and seed for every scheme of strategy `gradient_coding`:
   uncoded (wait for all) | gc (FRC, s) | sr_sgc (B, W, lambda) | m_sgc (B, W, lambda),
 under two straggler patterns injected as real (cancellable) sleeps on the workers: a seeded
-bursty on/off pattern, and a replay of the AWS Lambda trace (/work/shared/data/stragglers,
+bursty on/off pattern, and a replay of the AWS Lambda trace (../shared/data/stragglers beside the repository,
 256 workers, load 0; worker i replays column i, scaled to local step times). Every scheme
 trains the same `streams` models round-robin (the largest delay T + 1), so all of them can be
 compared with uncoded's final parameters.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import claim, median, write  # noqa: E402
 
 WORKERS = 8
-TRACE = "/work/shared/data/stragglers/lambda-canada-w256-load0000.csv"
+TRACE = str(Path(__file__).resolve().parents[2] / "shared/data/stragglers/lambda-canada-w256-load0000.csv")
 PATTERNS = {
     "bursty": "{model: bursty, delay_s: 1.5, p_on: 0.04, p_off: 0.9}",
     "lambda_trace": f"{{model: trace, trace: {TRACE}, scale: 1.0}}",

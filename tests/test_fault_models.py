@@ -1,6 +1,7 @@
 """Fault models without Ray: straggler delays, the plan's directives, the emulated link."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from raylane.workers.stragglers import StragglerModel
 
 pytestmark = pytest.mark.timeout(60)
 
-TRACE = "/work/shared/data/stragglers/lambda-canada-w256-load0000.csv"
+# the shared data folder lies beside the repository
+TRACE = str(Path(__file__).resolve().parents[2] / "shared/data/stragglers/lambda-canada-w256-load0000.csv")
 
 
 def test_straggler_models_are_deterministic_given_seed():
