@@ -3,21 +3,29 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raylane-installed
+DEV_STAMP := $(VENV)/.raylane-dev-installed
 ARGS ?=
 
-.PHONY: run test setup clean
+.PHONY: run test setup setup-dev clean
 
+# `make run` installs what running needs; `make test` adds the dev extras (pytest, Ray Train, linters).
 setup: $(STAMP)
+
+setup-dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	@touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(DEV_STAMP)
 
 run: $(STAMP)
 	$(PY) -m raylane.train $(ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:

@@ -15,14 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylane import strategies
+import logging
+
+from raylane import preflight, strategies
+from raylane.orchestrator import rundir
 from raylane.orchestrator.faults import FaultsConfig
+from raylane.workers.chaos import GRADIENT_MODES, WIRE_MODES
 from raylane.validation import ConfigError, check, from_dict, one_of
 from raylane.workers.data import DataConfig
 from raylane.workers.models import ModelConfig
 from raylane.workers.optim import OptimConfig
 
 GROUPS = ("strategy", "model", "data", "cluster", "logging", "faults")
+
+log = logging.getLogger("raylane")
 
 
 def config_dir() -> Path:
@@ -63,8 +69,10 @@ class ClusterConfig:
     backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
     collective_timeout_s: float = 60.0
     start_timeout_s: float = 120.0  # actors must be up by then
+    connect_timeout_s: float = 30.0  # cluster.address / $RAY_ADDRESS must answer by then
     replace_timeout_s: float = 30.0  # a replacement not up by then: shrink (if min_workers allows) or fail
     round_timeout_s: float = 600.0   # no reply to a round by then: the silent workers are hung
+    max_step_failures: int = 3       # the same step failing this often in a row is not transient: stop
 
     def validate(self, prefix: str) -> None:
         check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "must be >= 1")
@@ -76,8 +84,10 @@ class ClusterConfig:
         check(self.collective_timeout_s > 0, f"{prefix}.collective_timeout_s", self.collective_timeout_s,
               "must be > 0")
         check(self.start_timeout_s > 0, f"{prefix}.start_timeout_s", self.start_timeout_s, "must be > 0")
+        check(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "must be > 0")
         check(self.replace_timeout_s > 0, f"{prefix}.replace_timeout_s", self.replace_timeout_s, "must be > 0")
         check(self.round_timeout_s > 0, f"{prefix}.round_timeout_s", self.round_timeout_s, "must be > 0")
+        check(self.max_step_failures >= 1, f"{prefix}.max_step_failures", self.max_step_failures, "must be >= 1")
         check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
               self.min_workers, f"must be in [1, cluster.num_workers={self.num_workers}]")
 
@@ -116,14 +126,25 @@ class RunDirConfig:
     root: str = "runs"
     dir: str | None = None         # default: <root>/<name>
 
+    def validate(self, prefix: str) -> None:
+        check(self.name not in ("", ".", "..") and not any(c in self.name for c in "/\\\0"), f"{prefix}.name",
+              self.name, "must be a plain folder name (no '/' or '\\', not '.' or '..'); a path goes in run.dir")
+
     def path(self) -> Path:
         """The run directory. A relative path is taken from the current directory, except in a
         Ray job's temporary working-dir copy, where it is taken from $RAYLANE_HOME (default
         ~/raylane) so that nothing lands in a folder Ray deletes."""
-        path = Path(self.dir or Path(self.root) / self.name).expanduser()
-        if not path.is_absolute() and in_ray_job_copy():
-            path = Path(os.environ.get("RAYLANE_HOME", Path.home() / "raylane")) / path
-        return path.resolve()
+        return _resolve(Path(self.dir or Path(self.root) / self.name))
+
+    def root_path(self) -> Path:
+        return _resolve(Path(self.root))
+
+
+def _resolve(path: Path) -> Path:
+    path = path.expanduser()
+    if not path.is_absolute() and in_ray_job_copy():
+        path = Path(os.environ.get("RAYLANE_HOME", Path.home() / "raylane")) / path
+    return path.resolve()
 
 
 @dataclass
@@ -165,14 +186,50 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(strategy=from_dict(spec.config_cls, strat, "strategy"), seed=seed, resume=resume,
                     **sections)
     cfg.faults.validate_ranks(cfg.cluster.num_workers)
+    _check_driver_crash(cfg)
+    for i, e in enumerate(cfg.faults.events):  # gradient-level attacks need a strategy that lets a worker forge
+        check(e.kind != "byzantine" or e.mode not in GRADIENT_MODES or getattr(spec.worker_cls, "forges_gradients",
+                                                                                False),
+              f"faults.events[{i}].mode", e.mode, f"needs a strategy that exchanges gradients (strategy=robust); "
+              f"strategy={cfg.strategy.name} takes only {list(WIRE_MODES)}")
     check_run = getattr(cfg.strategy, "check_run", None)  # a strategy's checks against the whole run
     if check_run is not None:
         check_run(cfg)
+    for warning in getattr(cfg.strategy, "warn_run", lambda run: [])(cfg):  # legal but likely surprising
+        log.warning("%s", warning)
     if cfg.model.name == "char_transformer":
         check(cfg.data.name == "chars", "data.name", cfg.data.name, "model=char_transformer needs data=chars")
+    elif cfg.model.name == "cnn":
+        check(cfg.data.name == "digits", "data.name", cfg.data.name, "model=cnn needs image data: data=digits")
     else:
-        check(cfg.data.name != "chars", "data.name", cfg.data.name, f"model={cfg.model.name} needs data=synthetic")
+        check(cfg.data.name != "chars", "data.name", cfg.data.name,
+              f"model={cfg.model.name} needs feature data: data=synthetic or data=digits")
+    preflight.check(cfg)  # a usable run.root, a W&B key when online (reads only)
+    rundir.check(cfg)  # the run dir and resume, against what is on disk (reads only)
     return cfg
+
+
+def _check_driver_crash(cfg: RunConfig) -> None:
+    """A driver crash must come after a checkpoint, or "run the same command again" starts over."""
+    for i, e in enumerate(cfg.faults.events):
+        if e.kind != "driver_crash" or e.step is None:
+            continue
+        every = cfg.checkpoint.every
+        check(0 < every < e.step, f"faults.events[{i}].step", e.step,
+              f"a driver_crash needs a checkpoint before it to resume from: set checkpoint.every in [1, {e.step - 1}]"
+              f" (now {every})")
+
+
+def default_run_name(choices: dict[str, Any], raw: dict[str, Any]) -> str:
+    """`<strategy preset>-<model preset>[-<faults preset>]`: the presets the user chose, so that
+    `strategy=gc` and `strategy=m_sgc`, or a run with and without a fault plan, never share a dir."""
+    name = f"{choices.get('strategy') or 'ddp'}-{choices.get('model') or 'model'}"
+    faults = choices.get("faults") or "none"
+    if faults != "none":
+        name += f"-{faults}"
+    elif (raw.get("faults") or {}).get("events"):
+        name += "-faults"  # an inline plan (+faults.events=[...]) on the `none` preset
+    return name.replace("/", "_")
 
 
 def _options(group: str) -> list[str]:
@@ -194,17 +251,26 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     """Compose configs/ with Hydra; returns the resolved config as a plain dict."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     check(config_dir().is_dir(), "RAYLANE_CONFIG_DIR", str(config_dir()), "no configs/ folder there")
+    if not OmegaConf.has_resolver("raylane.data"):  # files shipped in the package, e.g. a straggler trace
+        OmegaConf.register_new_resolver("raylane.data", lambda rel: str(Path(__file__).parent / "data" / rel))
     try:
         _check_group_choices(overrides)
         with initialize_config_dir(str(config_dir()), version_base=None):
-            cfg = hydra_compose("config", overrides=overrides)
-        return OmegaConf.to_container(cfg, resolve=True)
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        raw = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e, overrides)) from None
+    run = raw.get("run")
+    if isinstance(run, dict) and run.get("name") is None:
+        run["name"] = default_run_name(choices, raw)
+    return raw
 
 
 def _one_line(e: Exception, overrides: list[str]) -> str:

@@ -2,9 +2,14 @@
 
     python -m raylane.report RUN_DIR [RUN_DIR ...] [-o report.html]
 
-Writes one self-contained HTML page: a summary table (one row per run) and one plot per
-metric — loss vs step, loss vs bytes on the wire, step time, bytes per step — with one
-line per run. A directory without metrics.jsonl is a one-line error (exit 2).
+Writes one self-contained HTML page: a summary table (one row per run: its strategy, the
+config keys that differ between the runs, losses, wall time, throughput, faults) and one plot
+per metric — loss vs step, loss vs wall time, loss vs bytes on the wire, step time, bytes per
+step — with one line per run and the runs' faults, recoveries and resumes marked on the curves.
+Numbers follow the summary's definitions (`orchestrator/summary.py`). Each step is shown once:
+rows a resume or rollback superseded are dropped, and time is made monotonic, also for files
+written before metrics.jsonl was rewritten on resume. Bad input (no metrics.jsonl, garbage in
+it, an output that cannot be written) is a one-line error with exit code 2.
 """
 
 from __future__ import annotations
@@ -17,24 +22,72 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from raylane.orchestrator.summary import FINAL_TRAIN_LOSS, final_train_loss
+
 # (title, x key, y keys, x label, y label)
 PLOTS = [
     ("Loss vs step", "step", ["train/loss", "eval/loss"], "step", "loss"),
+    ("Loss vs wall time", "time_s", ["train/loss", "eval/loss"], "wall time (s, training clock)", "loss"),
     ("Loss vs bytes on the wire", "comm/bytes_total", ["train/loss", "eval/loss"], "bytes sent (all workers)", "loss"),
     ("Step time", "step", ["train/round_s"], "step", "seconds per step"),
     ("Bytes per step", "step", ["comm/bytes_sent"], "step", "bytes sent per step (all workers)"),
 ]
+# event -> (marker colour, line style, label) drawn on the curves
+MARKERS = {"fault_injected": ("#d62728", "--", "fault injected"), "recovered": ("#2ca02c", ":", "recovered"),
+           "resumed": ("#1f77b4", "-.", "resumed")}
+IGNORED_KEYS = ("run.", "logging.")  # differ between runs without changing what is trained
 
 
 class ReportError(ValueError):
     pass
 
 
+def _parse(path: Path) -> list[dict[str, Any]]:
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ReportError(f"{path}: empty, nothing to plot (has the run logged a step yet?)")
+    records = []
+    for i, line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == lines[-1][0] and records:
+                continue  # a line torn by a crash mid-write
+            raise ReportError(f"{path}:{i}: not a JSON line; is this a raylane metrics.jsonl?") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ReportError(f"{path}:{i}: a metrics line must be a JSON object with an integer 'step'")
+        records.append(record)
+    return records
+
+
+def supersede(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each step once, time monotonic: a resume (or rollback) to step k drops the earlier metric
+    rows after k; time that restarted at a resume continues from the last time seen."""
+    out: list[dict[str, Any]] = []
+    offset, last_t = 0.0, 0.0
+    for r in records:
+        r = dict(r)
+        back = r.get("from_step") if r.get("event") == "resumed" else r.get("to_step")
+        if r.get("event") in ("resumed", "rewound") and back is not None:
+            out = [x for x in out if "event" in x or x["step"] <= back]
+        if r.get("time_s") is not None:
+            if r["time_s"] + offset < last_t - 1e-6 and r.get("event") == "resumed":
+                offset = last_t - r["time_s"]
+            r["time_s"] = r["time_s"] + offset
+            last_t = max(last_t, r["time_s"])
+        out.append(r)
+    return out
+
+
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"run_dir={str(run_dir)!r}: no metrics.jsonl there; pass a raylane run directory")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = supersede(_parse(path))
+    if not any("event" not in r for r in records):
+        raise ReportError(f"{path}: no metric rows yet, nothing to plot")
     total = 0
     for r in records:  # runs logged before comm/bytes_total existed: derive it
         if "comm/bytes_sent" in r and "comm/bytes_total" not in r:
@@ -54,25 +107,69 @@ def run_names(run_dirs: list[Path]) -> list[str]:
 
 
 def series(records: list[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-    """(x, y) for records with y_key; x carried forward from the latest record that had it."""
+    """(x, y) for metric rows with y_key; x carried forward from the latest record that had it."""
     xs, ys, last_x = [], [], None
     for r in records:
         if r.get(x_key) is not None:
             last_x = r[x_key]
-        if r.get(y_key) is not None and last_x is not None:
+        if "event" not in r and r.get(y_key) is not None and last_x is not None:
             xs.append(last_x)
             ys.append(r[y_key])
     return xs, ys
 
 
-def summarize(name: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    train = [r["train/loss"] for r in records if r.get("train/loss") is not None]
-    evals = [r["eval/loss"] for r in records if r.get("eval/loss") is not None]
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Config keys whose value is not the same in every run (what tells the runs apart)."""
+    flats = [_flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f if not k.startswith(IGNORED_KEYS)})
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1] if len(flats) > 1 else []
+
+
+def summarize(name: str, records: list[dict[str, Any]], run_dir: Path | None = None,
+              keys: list[str] | None = None) -> dict[str, Any]:
+    train = [r["train/loss"] for r in records if r.get("train/loss") is not None and "event" not in r]
+    evals = [r["eval/loss"] for r in records if r.get("eval/loss") is not None and "event" not in r]
     steps = [r["step"] for r in records if "train/loss" in r]
-    total = max((r.get("comm/bytes_total") or 0 for r in records), default=0)
-    return {"run": name, "steps": max(steps, default=0), "first train loss": train[0] if train else None,
-            "final train loss": train[-1] if train else None, "final eval loss": evals[-1] if evals else None,
-            "bytes on the wire": total, "wall s": max((r.get("time_s", 0) for r in records), default=0)}
+    config = _flat(_yaml(run_dir / "config.yaml")) if run_dir else {}
+    summary = _yaml(run_dir / "summary.yaml") if run_dir else {}
+    row: dict[str, Any] = {"run": name, "strategy": config.get("strategy.name", "-")}
+    row.update({k: config.get(k, "-") for k in keys or []})
+    injected = sum(1 for r in records if r.get("event") == "fault_injected")
+    row.update({"steps": max(steps, default=0), "first train loss": train[0] if train else None,
+                "final train loss": final_train_loss(train), "final eval loss": evals[-1] if evals else None,
+                "bytes on the wire": max((r.get("comm/bytes_total") or 0 for r in records), default=0),
+                "wall s": max((r.get("time_s") or 0.0 for r in records), default=0.0),
+                "tokens/s": summary.get("tokens_per_s"), "faults": injected})
+    return row
+
+
+def _markers(ax: Any, records: list[dict[str, Any]], x_key: str, seen: set[str]) -> None:
+    if x_key not in ("step", "time_s"):
+        return
+    for r in records:
+        style = MARKERS.get(r.get("event", ""))
+        if style is not None and r.get(x_key) is not None:
+            label = None if style[2] in seen else style[2]
+            seen.add(style[2])
+            ax.axvline(r[x_key], color=style[0], linestyle=style[1], linewidth=1, alpha=0.7, label=label)
 
 
 def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: str,
@@ -81,8 +178,10 @@ def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=100)
+    seen: set[str] = set()
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         for y_key, style in zip(y_keys, ["-", "--", ":"]):
@@ -90,44 +189,68 @@ def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: st
             if xs:
                 ax.plot(xs, ys, style, color=color, marker="o" if len(xs) < 20 else None, markersize=3,
                         label=f"{name} {y_key}" if len(y_keys) > 1 else name)
+        _markers(ax, records, x_key, seen)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if "bytes" in xlabel:
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    if "bytes" in ylabel:
+        ax.yaxis.set_major_formatter(EngFormatter(unit="B"))
     if "loss" not in ylabel:
         ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
+    if ax.lines:  # beside the axes, never over the data
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     buf = io.StringIO()
     fig.tight_layout()
-    fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        if isinstance(v, int) and v > 10_000:
-            return f"{v:,}"
-        return html.escape("-" if v is None else str(v))
+def _cell(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return html.escape("-" if v is None else str(v).lower())
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
 
+
+def table_html(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(run_dirs: list[Path]) -> str:
+def render(run_dirs: list[Path], title: str = "raylane report", extra_html: str = "") -> str:
     names = run_names(run_dirs)
     runs = {name: load_run(d) for name, d in zip(names, run_dirs)}
+    keys = differing_keys([_yaml(d / "config.yaml") for d in run_dirs])
     plots = "".join(f'<figure class="plot" data-metric="{html.escape(t)}">{_plot_svg(t, x, ys, xl, yl, runs)}</figure>'
                     for t, x, ys, xl, yl in PLOTS)
-    table = _table([summarize(n, r) for n, r in runs.items()])
+    table = table_html([summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)])
     style = ("body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:12px 0}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}"
-             ".plots{display:grid;grid-template-columns:repeat(2,640px);gap:12px}figure{margin:0}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>raylane report</title><style>{style}</style>"
-            f"</head><body><h1>raylane report</h1><p>{len(runs)} run(s): {html.escape(', '.join(names))}</p>"
-            f"<h2>Summary</h2>{table}<h2>Plots</h2><div class='plots'>{plots}</div></body></html>")
+             ".plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(720px,1fr));gap:12px}"
+             "figure{margin:0}figure svg{max-width:100%;height:auto}.note{color:#555;font-size:90%}")
+    note = (f"final train loss: {FINAL_TRAIN_LOSS}; wall s: the training clock over every session of the run; "
+            "tokens/s: tokens of the steps kept / wall time (from summary.yaml, once the run finished). "
+            "Markers: fault injected (red dashed), recovered (green dotted), resumed (blue dash-dot).")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{len(runs)} run(s): {html.escape(', '.join(names))}</p>{extra_html}"
+            f"<h2>Summary</h2>{table}<p class='note'>{html.escape(note)}</p>"
+            f"<h2>Plots</h2><div class='plots'>{plots}</div></body></html>")
+
+
+def write(page: str, output: Path) -> None:
+    try:
+        output.write_text(page)
+    except OSError as e:
+        raise ReportError(f"-o {str(output)!r}: cannot write there ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, default=Path("report.html"))
     args = p.parse_args(argv)
     try:
-        page = render(args.run_dirs)
+        write(render(args.run_dirs), args.output)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.output.write_text(page)
     print(f"wrote {args.output.resolve()}")
     return 0
 

@@ -18,7 +18,7 @@ import secrets
 import sys
 from typing import Any
 
-from raylane import config
+from raylane import config, ray_connect
 from raylane.validation import ConfigError
 
 log = logging.getLogger("raylane")
@@ -26,8 +26,30 @@ log = logging.getLogger("raylane")
 EXIT_USER_ERROR = 2
 
 
+def presets_help() -> str:
+    """The config groups and their presets (configs/<group>/*.yaml), for --help."""
+    lines = ["presets (choose with GROUP=NAME, e.g. strategy=m_sgc faults=crash):"]
+    for group in (*config.GROUPS, "compression"):
+        names = sorted(p.stem for p in (config.config_dir() / group).glob("*.yaml"))
+        key = "+compression@strategy.compression" if group == "compression" else group
+        lines.append(f"  {key:<34} {' '.join(names)}")
+    lines += ["every key: python -m raylane.train --cfg job; worker logs: Ray's session logs "
+              "(/tmp/ray/session_latest/logs/worker-*.err), errors are repeated on this console"]
+    return "\n".join(lines)
+
+
+def setup_logging() -> None:
+    """INFO lines through the progress bar's writer (never glued onto the bar); one format for every CLI."""
+    from raylane.orchestrator.metrics import BarLogHandler
+
+    handler = BarLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="raylane-train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="raylane-train", description=__doc__.split("\n\n")[0],
+                                epilog=presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--multirun", action="store_true", help="run every combination of swept values")
     p.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=ddp cluster.num_workers=2")
@@ -79,8 +101,9 @@ def connect_ray(cluster: Any) -> bool:
 
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
+        key = "cluster.address" if cluster.address else "RAY_ADDRESS"
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray_connect.attach(address, key, cluster.connect_timeout_s)  # bounded: never waits forever
         except ray.exceptions.AuthenticationError as e:
             raise ConfigError(f"cluster.address={address!r}: the cluster refused this auth token ({_first(e)}); "
                               "use the head's token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or "
@@ -97,6 +120,8 @@ def start_local_ray(num_cpus: int) -> None:
 
     if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token mode on itself
+    # ... and says so on every run ("Token authentication is enabled"): that is raylane's choice, not news
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")  # "local": never attach to another `ray start` on this machine
 
@@ -108,7 +133,8 @@ def _first(e: Exception) -> str:
 def run_jobs(jobs: list[Any]) -> int:
     import ray
 
-    from raylane.orchestrator.coordinator import run
+    from raylane.orchestrator.checkpoint import CheckpointError
+    from raylane.orchestrator.coordinator import RunFailed, run
     from raylane.orchestrator.worker_group import WorkerStartError
 
     loopback = connect_ray(jobs[0].cluster)
@@ -120,7 +146,7 @@ def run_jobs(jobs: list[Any]) -> int:
             print(f"run dir: {cfg.run.path()}", flush=True)
             if cfg.logging.wandb_mode == "offline":
                 print(f"W&B (offline): upload with `wandb sync {cfg.run.path() / 'wandb'}/offline-run-*`")
-    except WorkerStartError as e:
+    except (WorkerStartError, RunFailed, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
@@ -128,18 +154,28 @@ def run_jobs(jobs: list[Any]) -> int:
     return 0
 
 
+EXIT_INTERRUPTED = 130
+
+
 def _connect_and_run(jobs: list[Any]) -> int:
+    from raylane.orchestrator.coordinator import Interrupted
+
     try:
         return run_jobs(jobs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nstopped before the first step", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     try:
         jobs = build_jobs(args.overrides, args.multirun)
     except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Gradient codes: every n - s responders decode the full gradient (exhaustively, small n)."""
+"""Gradient codes: every n - s responders decode the full gradient (exhaustively, n <= 12)."""
 
 import itertools
 import warnings
@@ -9,7 +9,7 @@ import pytest
 from raylane.strategies.codes import (CyclicRepetitionCode, DecodeAccuracyWarning, FractionalRepetitionCode,
                                       make_code)
 
-SMALL = [(n, s) for n in range(2, 9) for s in range(n)]
+SMALL = [(n, s) for n in range(2, 13) for s in range(n)]
 
 
 def _worst_relative_error(code, subsets) -> float:
@@ -35,10 +35,22 @@ def test_frc_every_n_minus_s_responders_decode_the_full_gradient_exactly(n, s):
 
 @pytest.mark.parametrize("n,s", SMALL)
 def test_crc_every_n_minus_s_responders_decode_within_1e_6(n, s):
+    """Up to n = 8 no decode is even flagged; beyond, a few ill-conditioned ones (cond ~ 5e9 at
+    n=10, s=6) warn, as they should, yet still decode within 1e-6 in float64."""
     code = CyclicRepetitionCode(n, s, seed=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DecodeAccuracyWarning)
+        warnings.simplefilter("error" if n <= 8 else "ignore", DecodeAccuracyWarning)
         assert _worst_relative_error(code, itertools.combinations(range(n), n - s)) <= 1e-6
+
+
+def test_crc_accepts_decodable_but_ill_conditioned_sets_the_review_found():
+    """Large decoding coefficients leave a float64 residual above any fixed bound (1e-9 rejected these)."""
+    for n, s, responders in [(12, 4, [2, 3, 4, 5, 6, 8, 10, 11]), (10, 6, None)]:
+        code = CyclicRepetitionCode(n, s, seed=0)
+        subsets = [responders] if responders else list(itertools.combinations(range(n), n - s))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DecodeAccuracyWarning)
+            assert _worst_relative_error(code, subsets) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["frc", "crc"])

@@ -31,12 +31,14 @@ def _measure_allreduce(comm, numel, dtype):
     return measured, counted, msgs, t[0].item()
 
 
-def _measure_broadcast(comm, numel):
+def _measure_broadcast(comm, numel, src):
     t = torch.full((numel,), float(comm.rank))
-    comm.broadcast(t, src=1)
-    before_stats, before = comm.stats.total().bytes_sent, _wchar()
-    comm.broadcast(t, src=1)
-    return _wchar() - before, comm.stats.total().bytes_sent - before_stats, t[0].item()
+    comm.broadcast(t, src=src)  # warm up the pairs
+    before_stats, before = comm.stats.total(), _wchar()
+    comm.broadcast(t, src=src)
+    after = comm.stats.total()
+    msgs = after.messages_sent - before_stats.messages_sent, after.messages_recv - before_stats.messages_recv
+    return _wchar() - before, after.bytes_sent - before_stats.bytes_sent, msgs, t[0].item()
 
 
 @pytest.mark.parametrize("world,numel,dtype", [(4, 1_000_000, torch.float32), (3, 1001, torch.float32),
@@ -58,10 +60,35 @@ def test_allreduce_bytes_follow_ring_formula_when_divisible():
         assert wire.gloo_allreduce(n * 4, 4, w, r).bytes_sent == 2 * (w - 1) * n * 4 // w
 
 
-def test_broadcast_bytes_counted_equal_gloo_bytes_written():
+def _gloo_tree_children(vrank: int, world: int) -> list[int]:
+    """Gloo's broadcast (gloo/broadcast.cc), replayed: in round i a virtual rank with no bit above i
+    sends to vrank + 2^i when its bit i is 0. Independent of wire.binomial_children."""
+    dim = (world - 1).bit_length()
+    return [vrank + (1 << i) for i in range(dim)
+            if vrank >> (i + 1) == 0 and not vrank & (1 << i) and vrank + (1 << i) < world]
+
+
+@pytest.mark.parametrize("world,src", [(5, 3)])  # children per rank 3, 1, 0, 0, 0: root, inner node, leaves
+def test_broadcast_bytes_counted_equal_gloo_bytes_written_per_rank(world, src):
+    """Each rank writes exactly its children's copies plus Gloo's headers: the root and every inner
+    node of the binomial tree C per child, the leaves only the header of their one posted receive."""
     from tests.multiproc import run_ranks
 
-    for measured, counted, value in run_ranks(_measure_broadcast, 4, 50_000):
-        assert value == 1.0
-        assert measured - counted in (wire.GLOO_HEADER_BYTES * k for k in range(0, 8))
-        assert counted in (0, 200_000, 400_000)
+    numel, nbytes = 50_000, 200_000
+    for rank, (measured, counted, (sent_msgs, recv_msgs), value) in enumerate(
+            run_ranks(_measure_broadcast, world, numel, src)):
+        children = len(_gloo_tree_children((rank - src) % world, world))
+        assert value == float(src)
+        assert counted == children * nbytes == wire.gloo_broadcast(nbytes, world, rank, src).bytes_sent, rank
+        assert (sent_msgs, recv_msgs) == (children, 0 if rank == src else 1), rank
+        assert measured == counted + wire.GLOO_HEADER_BYTES * (2 * sent_msgs + recv_msgs), (rank, measured)
+
+
+def test_wire_broadcast_tree_matches_gloo_replay_for_every_rank():
+    for world in range(2, 34):
+        for src in (0, world // 2):
+            for rank in range(world):
+                children = _gloo_tree_children((rank - src) % world, world)
+                assert wire.binomial_children(rank, src, world) == len(children), (world, src, rank)
+        received = sorted(c for v in range(world) for c in _gloo_tree_children(v, world))
+        assert received == list(range(1, world))  # every non-root vrank is sent to exactly once

@@ -63,7 +63,8 @@ def two_ranks() -> list[dict]:
 
 
 def _scenarios(comm) -> dict:
-    return {"schedules": _trace_schedules(comm), "round_trip": _round_trip(comm), "nan": _nan_sync(comm)}
+    return {"schedules": _trace_schedules(comm), "round_trip": _round_trip(comm), "nan": _nan_sync(comm),
+            "finish": _finish_in_flight(comm)}
 
 
 def _trace_schedules(comm) -> dict:
@@ -168,6 +169,29 @@ def test_a_nonfinite_outer_gradient_raises_instead_of_being_sent(two_ranks):
     for message in (r["nan"] for r in two_ranks):
         assert "inf or nan" in message
 
+
+
+def _finish_in_flight(comm) -> tuple:
+    """H=8, P=2, tau=3: after step 17 fragment 0's sync (started at 16) is in flight; no sync starts
+    in steps 18-19, so a run to step 19 merges exactly it (at 19)."""
+    cfg = dict(sync_every=8, fragments=2, overlap_steps=3, merge_alpha=0.5)
+    ended, longer = _strategy(comm, **cfg), _strategy(comm, **cfg)
+    for t in range(1, 18):
+        ended.train_step(_batch(comm.rank, t), 1e-2)
+    for t in range(1, 20):
+        longer.train_step(_batch(comm.rank, t), 1e-2)
+    stale = _flat(ended)[1]
+    in_flight = [s.fragment for s in ended.outer.in_flight]
+    report = ended.finish_syncs()
+    return in_flight, report, stale, _flat(ended)[1], _flat(longer)[1]
+
+
+def test_finish_merges_the_syncs_in_flight_so_the_final_global_params_include_every_sync(two_ranks):
+    for in_flight, report, stale, finished, scheduled in (r["finish"] for r in two_ranks):
+        assert in_flight == [0] and report == {"diloco/merged": 1, "diloco/in_flight": 0}
+        assert not np.array_equal(stale, scheduled), "without finish the last sync is missing"
+        assert np.array_equal(finished, scheduled), "finish must give the global params the merge at 19 gives"
+    assert np.array_equal(two_ranks[0]["finish"][3], two_ranks[1]["finish"][3])
 
 
 # -- through the Coordinator on the session Ray cluster --------------------------------------

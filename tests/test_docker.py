@@ -31,3 +31,12 @@ def test_images_pin_the_versions_pyproject_pins():
     ray_pin = re.search(r'"ray\[default\]==([\d.]+)"', pyproject).group(1)
     assert f"torch=={torch_pin}" in (REPO / "docker/Dockerfile").read_text()
     assert f'rayVersion: "{ray_pin}"' in (REPO / "docker/rayjob.yaml").read_text()
+
+
+def test_compose_publishes_every_port_on_loopback_only():
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker/compose.yaml").read_text())["services"]
+    published = [str(p) for s in services.values() for p in s.get("ports", [])]
+    assert published, "the head should publish the dashboard port"
+    assert all(p.startswith("127.0.0.1:") for p in published), published

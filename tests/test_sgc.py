@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from raylane.strategies.codes import make_code
+from raylane.strategies.codes import CyclicRepetitionCode, make_code
 from raylane.strategies.sgc import (BurstyModel, GCSchedule, MSGCSchedule, Schedule, SRSGCSchedule, m_sgc_load,
                                     sr_sgc_s)
 
@@ -31,7 +31,7 @@ def every_allowed_pattern_meets_its_deadlines(schedule: Schedule, rounds: int) -
             return
         s.begin(new_job=True)
         for stragglers in subsets:
-            if not s.model.allows(s.history, stragglers):
+            if not s.allows(stragglers):
                 continue
             assert s.acceptable(stragglers), \
                 f"round {s.round}: stragglers {set(stragglers)} after {s.history} leave a job undecodable"
@@ -104,7 +104,7 @@ def test_decoding_weighs_every_atom_of_a_job_exactly_once(make, params):
     for _ in range(60):
         schedule.begin(new_job=True)
         options = [set(c) for k in range(3) for c in itertools.combinations(range(schedule.n), k)]
-        allowed = [s for s in options if schedule.model.allows(schedule.history, s)]
+        allowed = [s for s in options if schedule.allows(s)]
         for job in schedule.end(rng.choice(allowed)):
             assert all(abs(w - 1.0) < 1e-9 for w in _atom_weights(schedule, job))
             schedule.forget(job)
@@ -157,3 +157,50 @@ def test_a_flush_round_completes_every_pending_job_when_all_answer(make):
     assert not schedule.acceptable({3}) and schedule.acceptable(set())
     schedule.end(set())
     assert not schedule.pending()
+
+
+class _Refusing(CyclicRepetitionCode):
+    """A CRC code that cannot decode one responder set (as the 1e-9 residual test once refused)."""
+
+    def __init__(self, n, s, refused):
+        super().__init__(n, s)
+        self.refused = frozenset(refused)
+
+    def decode(self, responders):
+        return None if frozenset(responders) == self.refused else super().decode(responders)
+
+
+@pytest.mark.parametrize("stragglers", [{0, 1, 7, 9}, {3, 5}])
+def test_sr_sgc_reattempts_until_the_job_decodes_not_until_n_minus_s_rows_remain(stragglers):
+    """12 workers, B=1 W=2 lambda=7 (s=4): a set the code refuses gets a reattempt, never a stall,
+    also with fewer than s non-contributors (where `len(missing) - s` went negative)."""
+    code = _Refusing(12, sr_sgc_s(1, 2, 7), set(range(12)) - stragglers)
+    schedule = SRSGCSchedule(code, BurstyModel(1, 2, 7))
+    schedule.begin()
+    assert schedule.acceptable(stragglers) and schedule.end(stragglers) == []
+    tasks = schedule.begin()
+    redo = [w for w, ts in tasks.items() if ts[0].job == 1]
+    assert redo == [min(stragglers)], "one round-1 straggler's row makes job 1 decodable"
+    assert schedule.acceptable(set()) and schedule.end(set()) == [1, 2]
+
+
+def test_sr_sgc_with_12_workers_decodes_the_reviews_straggler_set_in_its_own_round():
+    schedule = sr_sgc(12, 1, 2, 7)
+    schedule.begin()
+    assert schedule.acceptable({0, 1, 7, 9}) and schedule.end({0, 1, 7, 9}) == [1]
+
+
+def test_sr_sgc_leaves_rounds_with_at_most_s_stragglers_and_no_reattempt_out_of_the_model():
+    schedule = sr_sgc(4, 1, 3, 2)          # s = 1, at most 2 distinct stragglers in 3 rounds
+    schedule.begin()
+    schedule.end({0})                     # <= s stragglers, no reattempt: exempt
+    schedule.begin()
+    assert schedule.exempt == [True] and schedule.acceptable({1, 2})   # {0} no longer counts
+    assert not schedule.model.allows(schedule.history, {1, 2})          # the plain model refuses
+    schedule.end({1, 2})                  # 2 > s: job 2 gets a reattempt in round 3
+    tasks = schedule.begin()
+    assert any(t.job == 2 for ts in tasks.values() for t in ts)
+    assert schedule.exempt == [True, False] and not schedule.acceptable({3})  # {1, 2} count: 3 > lambda
+    schedule.end(set())
+    schedule.begin()
+    assert schedule.exempt == [False, False], "a round with a reattempt is never exempt"

@@ -7,6 +7,10 @@
   first exchange their sizes. Optionally reduces the decompressed tensors (rank order, fp32).
 - `powersgd_allreduce`: PowerSGD across ranks, two allreduces (P, then Q) for a list of matrices.
 
+The bodies live in `raylane.comm.fast_paths`: buffers kept per Communicator, payloads encoded into
+and decoded out of flat buffers, fused int/fp4 kernels; bit-identical to the straightforward code
+kept in tests/_reference_comm.
+
 Each has `async_op`: False returns the result; True returns a `CollectiveHandle` to `wait()` on.
 The work runs on one background thread per Communicator, in call order, so every rank issues
 the underlying ops in the same order: while one is in flight, issue further collectives on that
@@ -26,10 +30,11 @@ from typing import Any
 
 import torch
 
-from raylane.comm import wire
+from raylane.comm import fast_paths, wire
 from raylane.comm.communicator import Communicator
 from raylane.comm.compressors import Compressor, ShapeLike, as_shape, check_choice, check_input
 from raylane.comm.error_feedback import ErrorFeedback
+from raylane.comm.fast_paths import chunk_ranges, sum_fp32 as _sum_fp32
 from raylane.comm.powersgd import PowerSGD, matrix_shape, orthonormalize
 
 _WORKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -67,21 +72,6 @@ def _run(comm: Communicator, fn: Callable[[], Any], async_op: bool) -> Any:
     return CollectiveHandle(future) if async_op else future.result()
 
 
-def chunk_ranges(numel: int, world: int, align: int) -> list[tuple[int, int]]:
-    """[start, end) element range of each rank's chunk: whole blocks of `align`, spread evenly."""
-    blocks = -(-numel // align)
-    bounds = [min(numel, (blocks * j // world) * align) for j in range(world + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _sum_fp32(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum in fp32, in order, taking one tensor at a time (a generator keeps one decompressed at once)."""
-    acc = None
-    for t in tensors:
-        acc = t.float().clone() if acc is None else acc.add_(t.float())
-    return acc
-
-
 def _check_chunkable(compressor: Compressor) -> None:
     if not (compressor.chunkable and compressor.fixed_size):
         raise ValueError(f"quantized_allreduce: compressor {compressor!r} must be chunkable with fixed-size "
@@ -102,23 +92,7 @@ def quantized_allreduce(comm: Communicator, t: torch.Tensor, compressor: Compres
 
 
 def _quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: str, key: str) -> torch.Tensor:
-    flat, world = t.detach().reshape(-1), comm.world_size
-    ranges = chunk_ranges(flat.numel(), world, c.align)
-    sends = [c.compress(flat[a:b], f"{key}#{j}").to_bytes() for j, (a, b) in enumerate(ranges)]
-    lo, hi = ranges[comm.rank]
-    mine = (hi - lo,)
-    size = torch.Size([c.payload_bytes(mine, t.dtype)])
-    got = comm.alltoall(sends, [size] * world, label="quantized_allreduce.reduce_scatter")
-    acc = _sum_fp32(c.decompress(c.from_bytes(buf, mine, t.dtype)) for buf in got)
-    if op == "avg":
-        acc /= world
-    back = c.compress(acc.to(t.dtype), f"{key}#{comm.rank}/ag").to_bytes()
-    sizes = [torch.Size([c.payload_bytes((b - a,), t.dtype)]) for a, b in ranges]
-    gathered = comm.alltoall([back] * world, sizes, label="quantized_allreduce.allgather")
-    parts = [c.decompress(c.from_bytes(buf, (b - a,), t.dtype)) for buf, (a, b) in zip(gathered, ranges)]
-    with torch.no_grad():
-        t.copy_(torch.cat(parts).view(t.shape))
-    return t
+    return fast_paths.quantized_allreduce(comm, t, c, op, key)
 
 
 # -- compressed allgather ------------------------------------------------------------------
@@ -134,6 +108,8 @@ def compressed_allgather(comm: Communicator, t: torch.Tensor, compressor: Compre
 
 
 def _compressed_allgather(comm: Communicator, t: torch.Tensor, c: Compressor, op: str | None, key: str) -> Any:
+    if op is not None and c.fixed_size:
+        return fast_paths.allgather_reduce(comm, t, c, op, key)
     buf, world = c.compress(t, key).to_bytes().to(t.device), comm.world_size
     if c.fixed_size:
         sizes = [c.payload_bytes(t.shape, t.dtype)] * world
@@ -194,11 +170,14 @@ def _powersgd_allreduce(comm: Communicator, tensors: list[torch.Tensor], psgd: P
     flat_q = torch.cat([q.reshape(-1) for q in qs])
     comm.allreduce(flat_q, op, label="powersgd_allreduce.q")
     for t, k, c, p, q in zip(tensors, keys, corrected, ps, _split(flat_q, [q.shape for q in qs])):
-        approx = (p @ q.T).view(t.shape)
-        if ef:
-            ef.keep(k, c, approx)
         psgd.remember(k, q)
         with torch.no_grad():
+            if ef is None and t.dtype == torch.float32 and t.is_contiguous():  # straight into t, no N-size temporary
+                torch.matmul(p, q.T, out=t.detach().view(p.shape[0], q.shape[0]))
+                continue
+            approx = (p @ q.T).view(t.shape)
+            if ef:
+                ef.keep(k, c, approx)
             t.copy_(approx)
     return tensors
 

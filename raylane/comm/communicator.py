@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from raylane.comm import wire
+from raylane.comm.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,11 @@ class Communicator:
         # issued, and on every tensor this rank sends (may return a replacement).
         self.before_op: Callable[[str], None] | None = None
         self.outgoing: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # This step's Byzantine ground truth and adversary (raylane.workers.chaos.ByzantineStep, set by
+        # the worker's fault hooks; None without one): strategies that exchange gradients consult it.
+        self.byzantine: Any = None
         self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()
+        self.workspace = Workspace()  # scratch of the compressed collectives, reused across calls
 
     def _prepare(self, op: str, t: torch.Tensor) -> torch.Tensor:
         if self.before_op is not None:
@@ -201,6 +206,22 @@ class Communicator:
                     offset += r.numel()
             return received
         return self._issue(label, traffic, works, finish, async_op)
+
+    def alltoall_into(self, send: torch.Tensor, send_counts: list[int], recv: torch.Tensor,
+                      recv_counts: list[int], async_op: bool = False, label: str = "alltoall") -> Any:
+        """Flat alltoall: the j-th run of `send_counts[j]` elements of `send` goes to rank j; rank j's run
+        lands at the j-th run of `recv_counts` in `recv`. No concatenation, no copy-out; counted
+        like `alltoall` with the same chunk sizes. Returns `recv`."""
+        assert len(send_counts) == len(recv_counts) == self.world_size
+        if self.world_size == 1:
+            recv[:recv_counts[0]].copy_(send[:send_counts[0]])
+            works = []
+        else:
+            self._prepare("alltoall", send)
+            works = [self.pg.alltoall_base(recv, send, list(recv_counts), list(send_counts), dist.AllToAllOptions())]
+        esize = send.element_size()
+        traffic = wire.alltoall([n * esize for n in send_counts], [n * esize for n in recv_counts], self.rank)
+        return self._issue(label, traffic, works, lambda: recv, async_op)
 
     def reduce_scatter(self, t: torch.Tensor, op: str = "sum", async_op: bool = False) -> Any:
         """Reduce the flattened `t` across ranks and return this rank's chunk.

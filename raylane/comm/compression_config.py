@@ -4,7 +4,8 @@ configs/compression/*.yaml each hold `name:` plus the parameters that compressor
 strategy names one. Parameters left None take the compressor's defaults; a parameter the named
 compressor does not take is an error, as is an unknown name or an impossible value, each a
 one-line ValueError naming the key (`compression.bits=3: must be one of [4, 8]`).
-`none` is exact full precision, chosen explicitly; nothing falls back to it.
+`none` is exact full precision, chosen explicitly; nothing falls back to it. `compile` switches the
+int/fp4 kernels' torch.compile path for the process (`raylane.comm.kernels`; on by default).
 
 Registry: `register_compressor(name, factory)`; a duplicate name raises.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from raylane.comm import kernels
 from raylane.comm.compressors import Bf16, Compressor, Fp16, Identity, Zstd
 from raylane.comm.error_feedback import ErrorFeedback
 from raylane.comm.powersgd import PowerSGD
@@ -60,9 +62,10 @@ class CompressionConfig:
     seed: Optional[int] = None  # int, fp4, randomk, powersgd
     zstd_level: Optional[int] = None  # a lossless zstd stage after the compressor (1..22); None: no stage
     error_feedback: bool = False  # keep and re-send what compression left out
+    compile: Optional[bool] = None  # int/fp4 kernels through torch.compile (None: the process default, on)
 
     def params(self) -> dict:
-        skip = {"name", "zstd_level", "error_feedback"}
+        skip = {"name", "zstd_level", "error_feedback", "compile"}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
@@ -84,6 +87,10 @@ class CompressionConfig:
             params["seed"] = params.get("seed", 0) + rank
         if not isinstance(self.error_feedback, bool):
             raise ValueError(f"{prefix}.error_feedback={self.error_feedback!r}: must be one of [False, True]")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"{prefix}.compile={self.compile!r}: must be one of [None, False, True]")
+        if self.compile is not None:
+            kernels.configure(compile=self.compile)
         try:
             compressor = factory(**params)
             if self.error_feedback:

@@ -1,9 +1,9 @@
 """Process groups that survive their members.
 
 One TCPStore per run, hosted by the coordinator (`host_store`), never by a worker, so
-any worker may die. Each generation of members builds its group under a fresh prefix
-(`gen{n}`) of that store, inside the processes that already exist (`connect`): a group
-can be re-formed without restarting anyone.
+any worker may die; it listens only on the address it is given. Each generation of
+members builds its group under a fresh prefix (`gen{n}`) of that store, inside the
+processes that already exist (`connect`): a group can be re-formed without restarting anyone.
 """
 
 from __future__ import annotations
@@ -17,9 +17,24 @@ from raylane.comm.communicator import Communicator, Link
 
 
 def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
-    """Start the run's TCPStore server in this process on a free port (`store.port`)."""
-    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    """Start the run's TCPStore server in this process on a free port (`store.port`).
+
+    The server listens on `host` only (127.0.0.1 for a one-machine run): the store has no
+    authentication, and TCPStore binds every interface unless it is handed a listening socket
+    (`master_listen_fd`), so it gets one bound here. The store owns (and closes) that socket.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.listen(1024)
+        store = dist.TCPStore(host, sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server closes the descriptor when it stops
+    return store
 
 
 def connect(store_host: str, store_port: int, generation: int, rank: int, world_size: int,

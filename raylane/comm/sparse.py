@@ -26,10 +26,11 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2 ** 31 else torch.int64
 
 
-def top_indices(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(magnitudes: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Positions of the k largest of a flat tensor; the same set as `topk` (ties aside), faster:
     a threshold from a strided sample keeps ~1.25 k candidates, and topk runs on those. When the
-    sample misleads (fewer than k candidates), plain topk over everything.
+    sample misleads (fewer than k candidates), plain topk over everything. `mask`: an optional
+    bool buffer of n for the candidate test (else one is allocated).
     """
     n = magnitudes.numel()
     if n <= 1 << 16 or 2 * k > n:
@@ -37,7 +38,8 @@ def top_indices(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     sample = magnitudes[:: n // (1 << 16)]
     keep = min(sample.numel(), math.ceil(1.25 * sample.numel() * k / n) + 1)
     threshold = sample.topk(keep, sorted=True).values[-1]
-    candidates = (magnitudes >= threshold).nonzero().squeeze(1)
+    above = magnitudes >= threshold if mask is None else torch.ge(magnitudes, threshold, out=mask)
+    candidates = above.nonzero().squeeze(1)
     if candidates.numel() < k:
         return magnitudes.topk(k, sorted=False).indices
     return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
@@ -64,8 +66,12 @@ class TopK(Compressor):
         return {"indices": (index_dtype(n), k), "values": (dtype, k)}
 
     def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-        flat = t.reshape(-1)
-        index = top_indices(flat.float().abs(), kept(flat.numel(), self.ratio))
+        return self.encode_with(t.reshape(-1), t.reshape(-1).float().abs())
+
+    def encode_with(self, flat: torch.Tensor, magnitudes: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The parts of flat's payload, given |flat| in fp32 (and a bool buffer), e.g. in reused buffers."""
+        index = top_indices(magnitudes, kept(flat.numel(), self.ratio), mask)
         return {"indices": index.to(index_dtype(flat.numel())), "values": flat[index]}
 
     def _decode(self, payload: Payload) -> torch.Tensor:

@@ -23,11 +23,11 @@ import yaml
 from raylane import strategies
 from raylane.orchestrator import checkpoint
 from raylane.orchestrator.faults import FaultPlan
-from raylane.orchestrator.metrics import MetricsSink
+from raylane.orchestrator.metrics import MetricsSink, read_records
 from raylane.orchestrator.outliers import OutlierDetector
 from raylane.orchestrator.recovery import Recovery
 from raylane.orchestrator.rundir import prepare_run_dir
-from raylane.orchestrator.summary import Summary
+from raylane.orchestrator.summary import Summary, fault_section
 from raylane.orchestrator.worker_group import WorkerFailure, WorkerGroup
 from raylane.workers.optim import lr_at
 
@@ -36,16 +36,34 @@ log = logging.getLogger(__name__)
 DRIVER_CRASH_EXIT = 3
 
 
+class RunFailed(RuntimeError):
+    """The same step failed `cluster.max_step_failures` times in a row: a fault that recovery
+    cannot fix (a bug, an impossible setting), reported instead of retried forever."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: where the run stopped and where the same command will continue from."""
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        super().__init__(step, checkpoint_step)
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+    def __str__(self) -> str:
+        if self.checkpoint_step is None:
+            return f"stopped at step {self.step}; no checkpoint yet, so the same command starts over"
+        return (f"stopped at step {self.step}; run the same command to continue from the checkpoint at step "
+                f"{self.checkpoint_step}")
+
+
 class Coordinator:
     def __init__(self, cfg: Any, loopback: bool = True,
                  fault_hook: Callable[[Any, set[int], str], None] | None = None):
         """`fault_hook(event, ranks, node_id)` runs after a driver-side fault killed `ranks`
         (tests use it to remove a Ray node, or take away the capacity a replacement needs)."""
         self.cfg = cfg
-        prepare_run_dir(cfg)  # resolves resume=auto
-        self.run_dir: Path = cfg.run.path()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.run_dir: Path = prepare_run_dir(cfg)  # checks again, resolves resume=auto, creates the dir
+        if not cfg.resume:  # a resumed run's config.yaml is replaced only once its checkpoint has loaded
+            self._write_config()
         self.spec = strategies.get(cfg.strategy.name)
         self.driver = self.spec.driver_cls(cfg.strategy, cfg.cluster.num_workers)
         self.plan = FaultPlan(cfg.faults, cfg.seed, self.run_dir / "faults_fired.json")
@@ -53,18 +71,30 @@ class Coordinator:
         self.group = WorkerGroup(cfg, loopback)
         self.group.links = self.plan.links(cfg.cluster.num_workers)
         self.step, self.samples = 0, 0
+        self._failures: dict[int, int] = {}  # step -> failures in a row
+        self.checkpoint_step: int | None = None
+        self._byzantine: set[int] = set()
         self.samples_at: dict[int, int] = {0: 0}
         self.summary = Summary()
         self.outliers = OutlierDetector(cfg.faults.outlier_window, cfg.faults.outlier_factor,
                                         cfg.faults.outlier_min_s)
         self.group.start()
         if cfg.resume:
-            self.restore_checkpoint()
+            try:
+                self.restore_checkpoint()
+            except BaseException:  # e.g. a checkpoint this strategy cannot load: stop the workers, keep config.yaml
+                self.group.shutdown()
+                raise
+            self._write_config()
         self.metrics = MetricsSink(self.run_dir, cfg.logging, cfg.train.steps, self.step, self._run_id(),
-                                   cfg.run.name, cfg.to_dict())
+                                   cfg.run.name, cfg.to_dict(), resume=bool(cfg.resume))
+        self.group.on_wait = self.metrics.status
         self.recovery = Recovery(self)
         if cfg.resume:
-            self.metrics.event(self.step, "resumed", from_step=self.step)
+            self.metrics.event(self.step, "resumed", from_step=self.step, steps_redone=self.metrics.superseded)
+
+    def _write_config(self) -> None:
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _run_id(self) -> str:
         """Stable across resumes: kept in <run.dir>/run_id."""
@@ -83,17 +113,19 @@ class Coordinator:
     def train(self, until_step: int | None = None) -> Summary:
         cfg = self.cfg
         last = min(cfg.train.steps, until_step or cfg.train.steps)
-        t_start = time.perf_counter()
         while self.step < last:
             step = self.step + 1
             self._driver_faults(step)
             self.recovery.maybe_grow(step)
             lr = lr_at(step, cfg.train.steps, cfg.optim)
-            self.group.begin_step(step, self.plan.directives(step, self.group.world_size))
+            directives = self.plan.directives(step, self.group.world_size)
+            self._announce(step, directives)
+            self.group.begin_step(step, directives)
             t0 = time.perf_counter()
             try:
                 results = self.driver.run_round(self.group, step, self.samples, lr)
             except WorkerFailure as failure:
+                self._count_failure(step, failure)
                 self.recovery.recover(failure, step, time.perf_counter() - t0)
                 continue
             self.step, self.samples = step, self.samples + self.global_batch
@@ -102,27 +134,40 @@ class Coordinator:
             self._log_step(step, results, time.perf_counter() - t0, lr)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 self.evaluate()
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                self.save_checkpoint()
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
+                self.save_checkpoint()  # the last step's is saved by _finish, after the driver's finish
         if self.step == cfg.train.steps:
             self._finish()
-        self.summary.wall_s += time.perf_counter() - t_start
+        self.summary.wall_s = self.metrics.elapsed_s()
         return self.summary
+
+    def _count_failure(self, step: int, failure: WorkerFailure) -> None:
+        """Raise RunFailed when `step` has now failed `cluster.max_step_failures` times in a row."""
+        count = self._failures.get(step, 0) + 1
+        self._failures = {step: count}  # only the step failing now is counted
+        if count >= self.cfg.cluster.max_step_failures:
+            why = "; ".join(f"worker {r}: {e}" for r, e in sorted(failure.errors.items())) or str(failure)
+            self.metrics.event(step, "run_failed", failures=count, error=why)
+            raise RunFailed(f"step {step} failed {count} times in a row (cluster.max_step_failures="
+                            f"{self.cfg.cluster.max_step_failures}), so recovery cannot fix it: {why}")
 
     def _finish(self) -> None:
         self.group.begin_step(self.step, {})
         self.driver.finish(self.group)
         if self.summary.eval_step != self.step:
             self.evaluate()
-        if not self.cfg.checkpoint.every or self.step % self.cfg.checkpoint.every:
-            self.save_checkpoint()
+        self.save_checkpoint()  # holds what finish applied (gc's jobs in flight, diloco's syncs in flight)
+        self.summary.wall_s = self.metrics.elapsed_s()
+        self.summary.faults = fault_section([r for r in read_records(self.metrics.path) if "event" in r])
         (self.run_dir / "summary.yaml").write_text(yaml.safe_dump(self.summary.as_dict(), sort_keys=False))
 
     def _driver_faults(self, step: int) -> None:
         for event in self.plan.driver_events(step):
             self.metrics.event(step, "fault_injected", kind=event.kind, rank=event.rank)
+            where = "" if event.rank is None else f" on worker {event.rank}"
+            log.warning("fault injected: %s%s at step %d", event.kind, where, step)
             if event.kind == "driver_crash":
-                log.error("fault plan: the driver crashes at step %d", step)
+                log.error("fault plan: the driver crashes at step %d; run the same command again to resume", step)
                 self.metrics.close()
                 ray.shutdown()
                 os._exit(DRIVER_CRASH_EXIT)
@@ -133,6 +178,23 @@ class Coordinator:
             self.group.kill(ranks)
             if self.fault_hook is not None:
                 self.fault_hook(event, ranks, node)
+
+    def _announce(self, step: int, directives: dict[int, Any]) -> None:
+        """One line and one event per injected worker fault, before the peers' errors (delays are
+        not announced: stragglers fire every step; byzantine once per rank until it stops)."""
+        byzantine = set()
+        for rank, d in sorted(directives.items()):
+            kind = "crash" if d.crash else "hang" if d.hang_s else "byzantine" if d.byzantine else None
+            if kind == "byzantine":
+                byzantine.add(rank)
+                if rank in self._byzantine:
+                    continue
+            if kind is not None:
+                detail = {"crash": f" ({d.crash})", "hang": f" for {d.hang_s:g} s",
+                          "byzantine": f" ({d.byzantine})"}[kind]
+                self.metrics.event(step, "fault_injected", kind=kind, rank=rank)
+                log.warning("fault injected: %s on worker %d at step %d%s", kind, rank, step, detail)
+        self._byzantine = byzantine
 
     def _log_step(self, step: int, results: list[dict], round_s: float, lr: float) -> None:
         n = len(results)
@@ -163,14 +225,19 @@ class Coordinator:
         parts = self.group.get(self.group.call("evaluate", self.group.world_size))
         views = self.spec.worker_cls.eval_views
         losses = {v: sum(p[v][0] for p in parts) / max(1, sum(p[v][1] for p in parts)) for v in views}
-        self.summary.record_eval(self.step, losses[views[0]])
-        self.metrics.log(self.step, {"eval/loss" if i == 0 else f"eval/loss_{v}": losses[v]
-                                     for i, v in enumerate(views)})
+        label = getattr(self.cfg.strategy, "eval_label", None)  # e.g. DiLoCo: "global (outer) parameters, ..."
+        self.summary.record_eval(self.step, losses[views[0]], label(self.step) if label else None)
+        logged = {"eval/loss" if i == 0 else f"eval/loss_{v}": losses[v] for i, v in enumerate(views)}
+        if f"{views[0]}/accuracy" in parts[0]:  # a classification dataset
+            hits = [p[f"{views[0]}/accuracy"] for p in parts]
+            logged["eval/accuracy"] = sum(c for c, _ in hits) / max(1, sum(s for _, s in hits))
+        self.metrics.log(self.step, logged)
         return losses[views[0]]
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         identical = self.spec.worker_cls.replicas_identical
+        self.summary.wall_s = self.metrics.elapsed_s()
         states = ray.get([a.state_dict.remote(replica=(r == 0 or not identical))
                           for r, a in enumerate(self.group.actors)], timeout=self.cfg.cluster.round_timeout_s)
         parts: dict[str, Any] = {"driver": {"strategy": self.driver.state_dict(), "step": self.step,
@@ -183,6 +250,7 @@ class Coordinator:
                 "replicas_identical": identical}
         path = checkpoint.save(self.run_dir / "checkpoints", self.step, parts, meta, self.cfg.checkpoint.keep)
         self.metrics.event(self.step, "checkpoint", path=str(path))
+        self.checkpoint_step = self.step
         return path
 
     def restore_checkpoint(self) -> bool:
@@ -197,6 +265,10 @@ class Coordinator:
         self.step, self.samples = driver["step"], driver["samples"]
         self.samples_at[self.step] = self.samples
         self.summary.load_state_dict(driver["summary"])
+        self.checkpoint_step = self.step
+        if hasattr(self, "metrics"):  # back to a checkpoint mid-run: its later rows are superseded
+            redone = self.metrics.rewind(self.step)
+            self.metrics.event(self.step, "rewound", to_step=self.step, steps_redone=redone)
         shared = ray.put(checkpoint.load_part(path, "replica")) if meta["replicas_identical"] else None
         refs = []
         for r, actor in enumerate(self.group.actors):
@@ -222,5 +294,7 @@ def run(cfg: Any, loopback: bool = True) -> Summary:
     coord = Coordinator(cfg, loopback)
     try:
         return coord.train()
+    except KeyboardInterrupt:
+        raise Interrupted(coord.step, coord.checkpoint_step) from None
     finally:
         coord.close()

@@ -9,7 +9,10 @@ run seed and the event's index, so a plan replays exactly). Kinds:
 - straggler: the worker's steps are delayed (`straggler:` a StragglerModel — fixed, random,
   bursty or a replayed trace) from `step` (default 1) to `until` (default: the end);
 - byzantine: the worker's outgoing tensors are replaced (`mode`: sign_flip, scale,
-  gaussian, zeros, nan; `scale`) from `step` to `until` (default: that step only);
+  gaussian, zeros, nan; `scale`) from `step` to `until` (default: that step only); or, with
+  a gradient-exchanging strategy (robust), the colluding omniscient attacks alie (`z`, null:
+  the paper's), ipm (`epsilon`), mimic (`target`) and label_flip (workers/chaos.py). Every rank
+  of a step with a Byzantine worker learns the step's Byzantine ranks (`colluders`);
 - network: the worker's link (all workers' when `rank` is unset) is limited to
   `bandwidth_gbps` and `latency_s` per message, for the whole run;
 - driver_crash: the coordinator process dies at `step` (re-running the command resumes).
@@ -46,19 +49,27 @@ class FaultEvent:
     bandwidth_gbps: float = 0.0
     latency_s: float = 0.0
     straggler: StragglerModel = field(default_factory=StragglerModel)
+    epsilon: float = 0.1            # byzantine ipm: the Byzantine rows are -epsilon x the honest mean
+    z: float | None = None          # byzantine alie: mu - z sigma (null: z from n and f, as the paper)
+    target: int = -1                # byzantine mimic: the honest row copied (-1: the paper's choice)
 
     def validate(self, prefix: str) -> None:
         one_of(f"{prefix}.kind", self.kind, KINDS)
+        check(self.step is None or self.step >= 1, f"{prefix}.step", self.step, "must be >= 1 (steps count from 1)")
+        check(self.until is None or self.until >= (self.step or 1), f"{prefix}.until", self.until,
+              f"must be >= the event's first step ({self.step or 1})")
+        check(self.bandwidth_gbps >= 0, f"{prefix}.bandwidth_gbps", self.bandwidth_gbps, "must be >= 0 (0: unlimited)")
+        check(self.latency_s >= 0, f"{prefix}.latency_s", self.latency_s, "must be >= 0")
         if self.kind in ("straggler", "network"):
             return
         check(self.step is not None or self.prob > 0, f"{prefix}.step", self.step,
               f"{self.kind} needs a trigger: step >= 1 or prob in (0, 1]")
-        check(self.step is None or self.step >= 1, f"{prefix}.step", self.step, "must be >= 1")
         check(0 <= self.prob <= 1, f"{prefix}.prob", self.prob, "must be in [0, 1]")
         if self.kind == "crash":
             one_of(f"{prefix}.mode", self.mode or "exit", ("exit", "collective"))
         if self.kind == "byzantine":
             one_of(f"{prefix}.mode", self.mode, BYZANTINE_MODES)
+            check(self.target >= -1, f"{prefix}.target", self.target, "must be an honest row index >= 0, or -1")
         check(self.hang_s > 0, f"{prefix}.hang_s", self.hang_s, "must be > 0")
 
 
@@ -130,7 +141,12 @@ class FaultPlan:
                 d.hang_s = e.hang_s
             elif e.kind == "byzantine":
                 d.byzantine, d.byzantine_scale = e.mode, e.scale
+                d.epsilon, d.z, d.target = e.epsilon, e.z, e.target
             self._mark(i, e)
+        colluders = tuple(sorted(r for r, d in out.items() if d.byzantine))
+        if colluders:  # every rank learns the step's Byzantine ranks (ground truth; the colluders' pact)
+            for r in range(world):
+                out.setdefault(r, Directive()).colluders = colluders
         return {r: d for r, d in out.items() if d}
 
     def driver_events(self, step: int) -> list[FaultEvent]:

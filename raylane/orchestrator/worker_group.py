@@ -24,6 +24,7 @@ from raylane.workers.worker import TrainWorker
 log = logging.getLogger(__name__)
 
 GRACE_S = 3.0  # after the first failure of a round, how long the others get to answer
+STATUS_AFTER_S = 2.0  # a round silent this long: say in the progress bar whom it waits on
 
 
 class WorkerStartError(RuntimeError):
@@ -36,12 +37,15 @@ class WorkerFailure(Exception):
     errored: set[int] = field(default_factory=set)
     hung: set[int] = field(default_factory=set)
     detected_at: float = field(default_factory=time.monotonic)
+    errors: dict[int, str] = field(default_factory=dict)  # rank -> last line of what it raised
 
     def __str__(self) -> str:
         return f"dead={sorted(self.dead)} hung={sorted(self.hung)} errored={sorted(self.errored)}"
 
 
 class WorkerGroup:
+    on_wait: Any = None  # on_wait(text): what a get() is waiting on ("" when done); the bar shows it
+
     def __init__(self, cfg: Any, loopback: bool):
         self.cfg = cfg
         self.loopback = loopback
@@ -111,6 +115,14 @@ class WorkerGroup:
                 pass
         return alive
 
+    def _report_wait(self, pending: list, start: float, deadline: float, failure: WorkerFailure) -> None:
+        silent = time.monotonic() - start
+        if self.on_wait is None or not pending or silent < STATUS_AFTER_S:
+            return
+        ranks = ", ".join(str(self._ref_rank.get(ref, "?")) for ref in pending)
+        broken = f" ({len(failure.dead | failure.errored)} failed)" if failure.dead or failure.errored else ""
+        self.on_wait(f"waiting on worker {ranks}: silent {silent:.0f} s of {deadline - start:.0f} s{broken}")
+
     # -- calls ------------------------------------------------------------------------
     def begin_step(self, step: int, directives: dict[int, Directive]) -> None:
         """Calls from now on belong to `step`; each rank's directive goes with its first call."""
@@ -130,10 +142,12 @@ class WorkerGroup:
 
     def get(self, refs: list, timeout: float | None = None) -> list:
         """Results in order, or WorkerFailure naming who died, who errored and who hung."""
-        deadline = time.monotonic() + (timeout or self.cfg.cluster.round_timeout_s)
+        start = time.monotonic()
+        deadline = start + (timeout or self.cfg.cluster.round_timeout_s)
         pending, results, failure = list(refs), {}, WorkerFailure()
         while pending and time.monotonic() < deadline:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            self._report_wait(pending, start, deadline, failure)
             for ref in ready:
                 rank = self._ref_rank.get(ref, -1)
                 try:
@@ -141,10 +155,16 @@ class WorkerGroup:
                 except ray.exceptions.RayActorError:
                     failure.dead.add(rank)
                 except ray.exceptions.RayError as e:
-                    log.warning("worker %d failed: %s", rank, str(e).strip().splitlines()[-1][:200])
+                    failure.errors[rank] = str(e).strip().splitlines()[-1][:200]
+                    log.warning("worker %d failed: %s", rank, failure.errors[rank])
                     failure.errored.add(rank)
                 if (failure.dead or failure.errored) and pending:
-                    deadline = min(deadline, time.monotonic() + GRACE_S + self.cfg.cluster.collective_timeout_s)
+                    # the others get until their own collective timed out (counted from the round's
+                    # start: a peer that errored on a timeout already waited that long), at least GRACE_S
+                    own = start + self.cfg.cluster.collective_timeout_s + GRACE_S
+                    deadline = min(deadline, max(own, time.monotonic() + GRACE_S))
+        if self.on_wait is not None:
+            self.on_wait("")
         failure.hung = {self._ref_rank.get(ref, -1) for ref in pending}
         for ref in refs:
             self._ref_rank.pop(ref, None)

@@ -77,6 +77,16 @@ class WorkerStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    # This rank's own state, which differs between replicas even when their parameters do not
+    # (lgreco's error-feedback residuals): checkpointed per rank beside the RNG streams, and kept
+    # by a surviving worker when a live peer's replica state is copied to it; a replacement starts
+    # from `{}`. Loaded after `load_state_dict`.
+    def local_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 class WorkerCalls(Protocol):
     """What the driver half may ask of the workers (implemented by the WorkerGroup)."""

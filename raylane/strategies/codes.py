@@ -12,8 +12,10 @@ partition gradients that are already weighted by partition size).
 - CRC, cyclic repetition (any s < n): worker i combines partitions i, ..., i+s (mod n); its
   coefficients put row i in the null space of a seeded random s x n matrix H with H 1 = 0, so
   any n - s rows span that space, which holds 1. Decoding is least squares in float64,
-  cached per responder set; a `DecodeAccuracyWarning` says when cond(C[S]) times the message
-  precision exceeds `tolerance` (the decode would then be off by more than that, relatively).
+  accepted when the residual is within rounding of |C[S]| |a| (a relative test: an absolute one
+  rejected decodable but ill-conditioned sets), cached per responder set; a
+  `DecodeAccuracyWarning` says when cond(C[S]) times the message precision exceeds `tolerance`
+  (the decode would then be off by more than that, relatively).
 
 `make_code(n, s, kind)` picks one (`auto`: FRC when (s+1) | n, else CRC). s = 0 is the
 identity (uncoded). Pure numpy; no Ray, no torch.
@@ -53,6 +55,21 @@ class GradientCode:
 
     def can_decode(self, responders: Iterable[int]) -> bool:
         return self.decode(responders) is not None
+
+    def completion(self, have: Iterable[int], candidates: Iterable[int]) -> list[int] | None:
+        """The first workers of `candidates` (in order) whose rows, added to those of `have`, make
+        the set decodable, skipping a candidate whose row is already in the set (a second member
+        of an FRC group adds nothing). [] if `have` decodes already; None if every candidate
+        together does not. Decodability, not a row count, decides."""
+        chosen = sorted(set(have))
+        taken: list[int] = []
+        for i in candidates:
+            if self.can_decode(chosen):
+                return taken
+            if not any(np.array_equal(self.matrix[i], self.matrix[j]) for j in chosen):
+                chosen.append(i)
+                taken.append(i)
+        return taken if self.can_decode(chosen) else None
 
 
 class FractionalRepetitionCode(GradientCode):
@@ -98,15 +115,22 @@ class CyclicRepetitionCode(GradientCode):
             return None  # fewer rows than the null space's dimension cannot span 1 (generic H)
         sub = self.matrix[rows]
         a, *_ = np.linalg.lstsq(sub.T, np.ones(self.n), rcond=None)
-        if np.abs(sub.T @ a - 1.0).max() > 1e-9:
-            return None
         sv = np.linalg.svd(sub, compute_uv=False)
+        if np.abs(sub.T @ a - 1.0).max() > residual_tolerance(sv[0], float(np.linalg.norm(a)), self.n):
+            return None
         cond = sv[0] / sv[self.n - self.s - 1]  # the rows span an (n-s)-dim space: its conditioning
         if cond * self.message_eps > self.tolerance:
             warnings.warn(f"cyclic repetition decode from workers {rows}: condition number {cond:.3g} x "
                           f"message precision {self.message_eps:.3g} exceeds {self.tolerance:g}",
                           DecodeAccuracyWarning, stacklevel=3)
         return {i: float(v) for i, v in zip(rows, a)}
+
+
+def residual_tolerance(norm: float, coeff_norm: float, n: int) -> float:
+    """The largest |C[S]^T a - 1| a float64 least-squares solve leaves when 1 IS in the row space:
+    rounding scales with |C[S]| |a| (large when the rows are ill-conditioned), so an absolute bound
+    rejects decodable sets. A set that cannot decode leaves a residual of order 1."""
+    return 64 * n * float(np.finfo(np.float64).eps) * (norm * coeff_norm + 1.0)
 
 
 def _cyclic_matrix(n: int, s: int, seed: int) -> np.ndarray:

@@ -11,6 +11,7 @@ update, so replicas stay identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,17 +51,7 @@ class DDPWorker(WorkerStrategy):
         return [p for p in self.ctx.model.parameters() if p.requires_grad]
 
     def _make_buckets(self, cap_bytes: int) -> list[_Bucket]:
-        buckets, current, size = [], [], 0
-        for p in reversed(self._params()):
-            nbytes = p.numel() * p.element_size()
-            if current and (size + nbytes > cap_bytes or p.dtype != current[0].dtype):
-                buckets.append(_Bucket(current))
-                current, size = [], 0
-            current.append(p)
-            size += nbytes
-        if current:
-            buckets.append(_Bucket(current))
-        return buckets
+        return group_buckets(self._params(), cap_bytes)
 
     def _on_grad_ready(self, p: torch.nn.Parameter) -> None:
         bucket = self._bucket_of[id(p)]
@@ -77,7 +68,15 @@ class DDPWorker(WorkerStrategy):
             else:
                 bucket.buffer[offset:offset + n].copy_(p.grad.reshape(-1))
             offset += n
-        bucket.handle = self.ctx.comm.allreduce(bucket.buffer, op="avg", async_op=True)
+        bucket.handle = self._reduce(bucket)
+
+    def _reduce(self, bucket: _Bucket) -> Any:
+        """Start averaging `bucket.buffer` over the ranks (in place); returns a handle to wait on.
+        Subclasses (lgreco) send it compressed."""
+        return self.ctx.comm.allreduce(bucket.buffer, op="avg", async_op=True)
+
+    def _reduced(self, bucket: _Bucket, result: Any) -> None:
+        """After the bucket's handle returned `result`; `bucket.buffer` must then hold the average."""
 
     def sync_gradients(self, backward: callable) -> None:
         """Run `backward()` with bucket allreduces overlapped; leaves averaged grads in .grad."""
@@ -88,7 +87,7 @@ class DDPWorker(WorkerStrategy):
             if b.handle is None:  # some parameter got no gradient this step
                 self._launch(b)
         for b in self.buckets:
-            b.handle.wait()
+            self._reduced(b, b.handle.wait())
             offset = 0
             for p in b.params:
                 n = p.numel()
@@ -106,6 +105,21 @@ class DDPWorker(WorkerStrategy):
         self.sync_gradients(loss.backward)
         grad_norm = clip_and_step(ctx, lr)
         return {"loss": loss.item(), "grad_norm": grad_norm}
+
+
+def group_buckets(params: list[torch.nn.Parameter], cap_bytes: int) -> list[_Bucket]:
+    """Buckets of at most `cap_bytes` (one dtype each), in reverse order of `params`."""
+    buckets, current, size = [], [], 0
+    for p in reversed(params):
+        nbytes = p.numel() * p.element_size()
+        if current and (size + nbytes > cap_bytes or p.dtype != current[0].dtype):
+            buckets.append(_Bucket(current))
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+    if current:
+        buckets.append(_Bucket(current))
+    return buckets
 
 
 def clip_and_step(ctx: WorkerContext, lr: float) -> float:

@@ -11,6 +11,11 @@ asynchronously, and merged `overlap_steps` (tau) inner steps later by the outer 
 (`merge_alpha`). Vanilla DiLoCo is fragments=1, overlap_steps=0, merge_alpha=0.
 
 Call order per step: inner step → start the due fragment's sync → merge the syncs due.
+After the last step the driver half (`DiLoCoDriver.finish`) has every worker merge the syncs
+still in flight (`finish_syncs`: those started in the last tau steps), so the final evaluation
+and checkpoint include every sync that was sent (merged up to tau steps early: the global
+parameters are those the scheduled merge would give; the local ones skip the inner steps that
+were never run).
 Evaluation views: "global" (the outer parameters; `eval/loss`) and "replica_avg" (the mean of
 the replicas' parameters: an exact all-gather that every rank joins, counted by the Communicator
 under compressed_allgather.*, never in the diloco/ byte metrics).
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from raylane.comm import CompressionConfig, Communicator
-from raylane.strategies.base import WorkerContext, WorkerStrategy, register
+from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
 from raylane.strategies.ddp import clip_and_step
 from raylane.strategies.diloco_fragments import PATTERNS, SyncSchedule, split_parameters
 from raylane.strategies.diloco_outer import OuterSync
@@ -74,6 +79,19 @@ class DiLoCoConfig:
         check(self.fragments <= blocks, "strategy.fragments", self.fragments,
               f"must be <= the model's {blocks} blocks (model.n_layer / model.hidden)")
 
+    def warn_run(self, run: Any) -> list[str]:
+        """Legal settings that make a run look broken: fewer than two outer steps."""
+        outer = run.train.steps // self.sync_every
+        if outer >= 2:
+            return []
+        return [f"train.steps={run.train.steps} gives {outer} outer step(s) with strategy.sync_every={self.sync_every}: "
+                f"the eval scores the global (outer) parameters, which only move at an outer step; "
+                f"use train.steps >= {2 * self.sync_every} or a smaller strategy.sync_every"]
+
+    def eval_label(self, step: int) -> str:
+        """What the run's eval loss scores (the summary says it beside the number)."""
+        return f"global (outer) parameters, {step // self.sync_every} outer steps"
+
 
 class DiLoCoWorker(WorkerStrategy):
     replicas_identical = False
@@ -115,6 +133,11 @@ class DiLoCoWorker(WorkerStrategy):
             out["diloco/outer_grad_norm"] = max(norms)
         return out
 
+    def finish_syncs(self) -> dict[str, float]:
+        """Merge every sync still in flight, in the order they started (the end of a run)."""
+        norms = [self.outer.finish(sync) for sync in list(self.outer.in_flight)]
+        return {"diloco/merged": len(norms), "diloco/in_flight": len(self.outer.in_flight)}
+
     @contextlib.contextmanager
     def eval_parameters(self, view: str = "global") -> Iterator[None]:
         with self.outer.swapped(view):
@@ -134,4 +157,11 @@ class DiLoCoWorker(WorkerStrategy):
         self.outer.load_state_dict(state["outer"])
 
 
-register("diloco", DiLoCoConfig, DiLoCoWorker)
+class DiLoCoDriver(DriverStrategy):
+    """Peer to peer (every worker: `train_step`); at the end, merge the syncs still in flight."""
+
+    def finish(self, workers: WorkerCalls) -> None:
+        workers.get(workers.call("finish_syncs"))
+
+
+register("diloco", DiLoCoConfig, DiLoCoWorker, DiLoCoDriver)

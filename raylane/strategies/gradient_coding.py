@@ -10,10 +10,11 @@ One coordinator step issues one job, the gradient of the global batch [offset, o
    computed on its own in float32 and combined in float64; the weighted loss rides along as
    one extra coordinate. The vectors come back through Ray and count as `bytes_sent`.
 2. The driver `ray.wait`s and ends the round as soon as the workers that have not answered may
-   be declared stragglers: gc / uncoded as soon as the job decodes; sr_sgc / m_sgc once answers
-   have stopped coming (none for mu x the first answer's time), the pattern stays in the
-   (B, W, lambda) model and every job due decodes (SGC remembers stragglers, so a merely slow
-   worker must not be declared one). Where that fails once the patience is out, the round is a
+   be declared stragglers: gc / uncoded as soon as the job decodes; sr_sgc / m_sgc once
+   `straggler_rule` says so (gc_patience.py: `silence`, the default, none answered for mu x the
+   first answer's time, or `fastest`, the authors' rule, not answered by (1 + mu) x it), the
+   pattern stays in the (B, W, lambda) model and every job due decodes (SGC remembers stragglers,
+   so a merely slow worker should not be declared one). Where that fails once the patience is out, the round is a
    *violation*: it waits for more answers (up to all), never longer than `timeout_s`, then
    raises. Stragglers' calls are cancelled; late results are never used (the SGC schemes
    re-attempt instead, as the paper prescribes).
@@ -50,6 +51,7 @@ import torch
 from raylane.comm.compression_config import CompressionConfig
 from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
 from raylane.strategies.codes import KINDS, make_code
+from raylane.strategies.gc_patience import RULES, Patience
 from raylane.strategies.ddp import clip_and_step
 from raylane.strategies.sgc import (BurstyModel, GCSchedule, MSGCSchedule, Part, Schedule, SRSGCSchedule, Task,
                                     sr_sgc_s)
@@ -72,7 +74,9 @@ class GradientCodingConfig:
     window: int = 2                 # W: the window of the straggler model
     lam: int = 1                    # lambda: distinct stragglers per window
     streams: int = 0                # models trained round-robin; 0: the fewest possible (T + 1)
-    mu: float = 0.5                 # sgc patience: stragglers = silent once no answer came for mu x the first's time
+    mu: float = 0.5                 # sgc patience, see straggler_rule
+    straggler_rule: str = "silence"  # silence: none answered for mu x the first's time | fastest: not
+                                    # answered by (1 + mu) x the first's time (the SGC authors' rule)
     wire_dtype: str = "float64"     # coded messages: float64 (exact decoding) | float32
     timeout_s: float = 300.0        # the longest a round waits for a decodable set of answers
     seed: int = 0                   # CRC coefficients and the straggler pattern
@@ -83,6 +87,7 @@ class GradientCodingConfig:
         one_of(f"{prefix}.scheme", self.scheme, SCHEMES)
         one_of(f"{prefix}.code", self.code, KINDS)
         one_of(f"{prefix}.wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
+        one_of(f"{prefix}.straggler_rule", self.straggler_rule, RULES)
         check(self.s >= 0, f"{prefix}.s", self.s, "must be >= 0")
         check(self.burst >= 1, f"{prefix}.burst", self.burst, "must be >= 1")
         check(self.window > self.burst, f"{prefix}.window", self.window, f"must be > {prefix}.burst={self.burst}")
@@ -103,8 +108,13 @@ class GradientCodingConfig:
     def num_streams(self) -> int:
         return self.streams or self.delay + 1
 
+    def check_run(self, run: Any) -> None:
+        """Checks against the whole run config (config validation: before Ray starts or a directory
+        is touched)."""
+        self.check_world_size(run.cluster.num_workers)
+
     def check_world_size(self, n: int, prefix: str = "strategy") -> None:
-        """The checks that need the number of workers (raised before any actor starts)."""
+        """The checks that need the number of workers: no code can meet these settings."""
         s = {"gc": self.s, "sr_sgc": sr_sgc_s(self.burst, self.window, self.lam), "m_sgc": self.lam}.get(self.scheme, 0)
         key = {"gc": "s", "uncoded": "scheme"}.get(self.scheme, "lam")
         value = getattr(self, key)
@@ -112,6 +122,8 @@ class GradientCodingConfig:
             check(self.lam <= n, f"{prefix}.lam", self.lam, f"must be <= cluster.num_workers={n}")
         elif self.scheme != "uncoded":
             check(s < n, f"{prefix}.{key}", value, f"gives {s} stragglers per round; must be < cluster.num_workers={n}")
+        if self.scheme == "sr_sgc":
+            check(self.lam <= n, f"{prefix}.lam", self.lam, f"must be <= cluster.num_workers={n}")
         if self.code == "frc" and s < n:
             check(n % (s + 1) == 0, f"{prefix}.code", self.code,
                   f"frc needs (s+1)={s + 1} to divide cluster.num_workers={n}; use crc or auto")
@@ -386,35 +398,34 @@ class CodedDriver(DriverStrategy):
 
     def _delay(self, rank: int) -> float:
         model = self.cfg.stragglers
-        return model.delay(self.cfg.seed, rank, self.schedule.round) if model is not None else 0.0
+        return model.delay(self.cfg.seed, rank, self.schedule.round, self.schedule.load) if model is not None else 0.0
 
     def _collect(self, workers: WorkerCalls, refs: dict[Any, int], t0: float) -> _Round:
-        """Wait until the unanswered workers may be declared stragglers (see the module docstring)."""
+        """Wait until the unanswered workers may be declared stragglers (gc_patience.py's rule)."""
         pending, answers = dict(refs), {}
-        first, patience, violation = 0.0, float("inf"), False
+        patience, violation = Patience(self.cfg.straggler_rule, self.cfg.mu), False
         deadline = t0 + self.cfg.timeout_s
         while pending:
             now = time.perf_counter()
             if answers:
-                patient = now >= patience
+                patient = patience.out(now - t0)
                 if (self.schedule.eager or patient) and self.schedule.acceptable(pending.values()):
                     break
                 violation |= patient and not self.schedule.flushing
             if now >= deadline:
                 raise RoundTimeout(f"strategy.timeout_s={self.cfg.timeout_s}: round {self.schedule.round} "
                                    f"({self.schedule.name}) cannot end without workers {sorted(pending.values())}")
-            wake = min(patience, deadline) if now < patience else deadline
+            wake = min(t0 + patience.until, deadline) if not patience.out(now - t0) else deadline
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wake - now))
             for ref in ready:
                 rank = pending.pop(ref)
                 (result,) = workers.get([ref])
                 answers[rank] = (time.perf_counter() - t0, result)
-                first = first or answers[rank][0]
-                patience = time.perf_counter() + self.cfg.mu * first  # answers still coming: keep waiting
+                patience.answered(answers[rank][0])
         if violation:
             log.info("round %d (%s): the silent workers could not be declared stragglers; waited for some of "
                      "them (violation)", self.schedule.round, self.schedule.name)
-        return _Round(answers, frozenset(pending.values()), violation, first)
+        return _Round(answers, frozenset(pending.values()), violation, patience.first or 0.0)
 
     def _decode(self, workers: WorkerCalls, job: int) -> tuple[float, int]:
         """Decode `job` in float64, send its update to every worker; (its loss, bytes each receives).
@@ -484,8 +495,9 @@ class CodedDriver(DriverStrategy):
         s = self.schedule
         return {"round": s.round, "issued": sorted(s.issued), "decoded": sorted(s.decoded),
                 "received": sorted((i, t.job, t.kind, t.index) for i, t in s.received),
-                "history": [sorted(h) for h in s.history],
-                "results": {(i, t.job, t.kind, t.index): v for (i, t), v in self.results.items()},
+                "history": [sorted(h) for h in s.history], "exempt": list(s.exempt),
+                "results": {(i, t.job, t.kind, t.index): torch.from_numpy(np.array(v))  # weights_only-loadable
+                            for (i, t), v in self.results.items()},
                 "jobs": {j: dataclasses.astuple(info) for j, info in self.jobs.items()},
                 "issued_jobs": self.issued, "last_loss": self.last_loss, "totals": dict(self.totals),
                 "compressor": self.compressor.state_dict()}
@@ -495,7 +507,8 @@ class CodedDriver(DriverStrategy):
         s.round, s.issued, s.decoded = state["round"], set(state["issued"]), set(state["decoded"])
         s.received = {(i, Task(job, kind, index)) for i, job, kind, index in state["received"]}
         s.history = [frozenset(h) for h in state["history"]]
-        self.results = {(i, Task(job, kind, index)): v for (i, job, kind, index), v in state["results"].items()}
+        s.exempt = list(state.get("exempt", [False] * len(s.history)))
+        self.results = {(i, Task(job, kind, index)): v.numpy() for (i, job, kind, index), v in state["results"].items()}
         self.jobs = {j: _Job(*info) for j, info in state["jobs"].items()}
         self.issued, self.last_loss = state["issued_jobs"], state["last_loss"]
         self.totals.update(state["totals"])

@@ -9,15 +9,20 @@ of times while answers arrive -> `end(S)`, which returns the jobs that became de
 
 Straggler model, (B, W, lambda)-bursty: in every window of W consecutive rounds at most lambda
 distinct workers straggle, and each worker's straggling rounds in the window lie within B
-consecutive rounds. `BurstyModel.allows(history, S)` checks one more round against it.
+consecutive rounds. `BurstyModel.allows(history, S)` checks one more round against it;
+`Schedule.allows(S)` checks it against the schedule's own history, where SR-SGC leaves out
+*exempt* rounds (the authors' rule: a round with <= s stragglers and no reattempts decoded its
+own job at once and leaves nothing to repair, so its stragglers do not count).
 
 Schemes, for n workers:
 - `GCSchedule`: each round each worker computes its row of an (n, s) code for the round's job.
   T = 0, load (s+1)/n; s = 0 is uncoded (wait for all).
 - `SRSGCSchedule` (selective reattempt): an (n, s) code, s = ceil(B lambda / (W-1+B)), T = B,
-  B | (W-1). When job t has v > s non-contributing workers after round t, v - s of them redo
-  their job-t row in round t+B instead of their job-(t+B) row (round-t stragglers first: the
-  model forbids them to straggle again in round t+B).
+  B | (W-1). When job t cannot be decoded after round t, some of its non-contributing workers
+  redo their job-t row in round t+B instead of their job-(t+B) row: the fewest, in order
+  (round-t stragglers first: the model forbids them to straggle again in round t+B), whose rows
+  make the job decodable (`GradientCode.completion`; v - s of the v non-contributors for a
+  code where any n - s rows decode; the decodability, not the row count, decides).
 - `MSGCSchedule` (multiplexed): a job's data is D1 (W-1 uncoded chunks per worker) plus D2
   (B groups, each under an (n, lambda) code); T = W-2+B. In round r a worker computes W-1+B
   equal-size minitasks; slot m is for job r-m: slots m < W-1 do D1 chunk m; slot W-1+g does
@@ -96,6 +101,7 @@ class Schedule:
         self.decoded: set[int] = set()
         self.received: set[tuple[int, Task]] = set()
         self.history: list[frozenset[int]] = []
+        self.exempt: list[bool] = []   # per history entry: leave its stragglers out of the model
         self.current: dict[int, list[Task]] = {}
         self.flushing = False
 
@@ -122,9 +128,17 @@ class Schedule:
         s = frozenset(stragglers)
         if self.flushing:
             return not s
-        if self.model is not None and not self.model.allows(self.history, s):
+        if not self.allows(s):
             return False
         return self.deadlines_met(s)
+
+    def allows(self, stragglers: Iterable[int]) -> bool:
+        """Whether the straggler model (if any) admits `stragglers` in this round."""
+        return self.model is None or self.model.allows(self.model_history(), stragglers)
+
+    def model_history(self) -> list[frozenset[int]]:
+        """The history the straggler model sees: exempt rounds count as straggler-free."""
+        return [frozenset() if ex else h for h, ex in zip(self.history, self.exempt)]
 
     def deadlines_met(self, stragglers: frozenset[int]) -> bool:
         got = self.received | self._delivered(stragglers)
@@ -133,6 +147,7 @@ class Schedule:
     def end(self, stragglers: Iterable[int]) -> list[int]:
         """Close the round with `stragglers` unanswered; the jobs that became decodable, in order."""
         s = frozenset(stragglers)
+        self.exempt = (self.exempt + [not self.flushing and self._exempt(s)])[-self.history_len:]
         self.received |= self._delivered(s)
         self.history = (self.history + [s])[-self.history_len:]
         ready = [t for t in self.pending() if self.decodable(t, self.received)]
@@ -146,13 +161,17 @@ class Schedule:
     def pending(self) -> list[int]:
         return sorted(self.issued - self.decoded)
 
+    def _exempt(self, stragglers: frozenset[int]) -> bool:
+        """Whether this round, ending with `stragglers`, stays out of the straggler model."""
+        return False
+
     def _delivered(self, stragglers: frozenset[int]) -> set[tuple[int, Task]]:
         return {(i, task) for i, tasks in self.current.items() if i not in stragglers for task in tasks}
 
     def clone(self) -> "Schedule":
         other = copy.copy(self)
         other.issued, other.decoded, other.received = set(self.issued), set(self.decoded), set(self.received)
-        other.history, other.current = list(self.history), dict(self.current)
+        other.history, other.current, other.exempt = list(self.history), dict(self.current), list(self.exempt)
         return other
 
     def state_key(self) -> tuple:
@@ -160,7 +179,7 @@ class Schedule:
         r = self.round
         got = frozenset((i, Task(task.job - r, task.kind, task.index)) for i, task in self.received
                         if task.job not in self.decoded)
-        return tuple(self.history), got, tuple(t - r for t in self.pending())
+        return tuple(self.history), tuple(self.exempt), got, tuple(t - r for t in self.pending())
 
     # -- per scheme ---------------------------------------------------------------------
     def _assign(self, rnd: int) -> dict[int, list[Task]]:
@@ -240,12 +259,19 @@ class SRSGCSchedule(_RowSchedule):
         tasks = {i: [Task(rnd, "row")] if rnd in self.issued else [] for i in range(self.n)}
         t = rnd - self.model.B
         if t in self.issued and t not in self.decoded:
-            missing = sorted(set(range(self.n)) - self.contributors(t, self.received))
+            have = self.contributors(t, self.received)
+            missing = sorted(set(range(self.n)) - have)
             stragglers_then = self.history[-self.model.B] if len(self.history) >= self.model.B else frozenset()
             missing.sort(key=lambda i: i not in stragglers_then)  # stable: round-t stragglers first
-            for i in missing[:len(missing) - self.code.s]:
+            redo = self.code.completion(have, missing)
+            for i in missing if redo is None else redo:  # None: even all of them cannot decode; all redo
                 tasks[i] = [Task(t, "row")]
         return tasks
+
+    def _exempt(self, stragglers: frozenset[int]) -> bool:
+        """<= s stragglers and every worker on this round's own job: the job decodes now."""
+        return len(stragglers) <= self.code.s and all(task.job == self.round for tasks in self.current.values()
+                                                      for task in tasks)
 
 
 def m_sgc_load(n: int, B: int, W: int, lam: int) -> float:

@@ -8,6 +8,15 @@ applies it (`apply`) before the step's first call and clears the one-step hooks 
 - `hang_s`: stop responding inside the step's first collective for that long.
 - `byzantine`: replace every tensor this worker sends during the step
   (sign_flip | scale | gaussian | zeros | nan; `byzantine_scale` is the factor or std).
+  The gradient-level modes (alie | ipm | mimic | label_flip: GRADIENT_MODES) do not touch the
+  wire: `comm.byzantine` gets a `ByzantineStep`, and a strategy that exchanges gradients
+  (robust) asks it to `forge` the row this worker sends. The colluding, omniscient adversary
+  computes the honest workers' gradients of the step itself, with the worker's `oracle`
+  (same model, their slices of the global batch: nothing extra crosses the network), then
+  applies raylane.strategies.attacks. label_flip computes its own gradient on flipped labels.
+- `colluders`: every rank that is Byzantine at this step. Every rank gets it (a ByzantineStep
+  with mode None on the honest ones): the ground truth for metrics (distance to the honest
+  mean), and the Byzantine ranks' knowledge of each other.
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ from typing import Callable
 
 import torch
 
-BYZANTINE_MODES = ("sign_flip", "scale", "gaussian", "zeros", "nan")
+from raylane.strategies import attacks
+
+WIRE_MODES = ("sign_flip", "scale", "gaussian", "zeros", "nan")
+GRADIENT_MODES = ("alie", "ipm", "mimic", "label_flip")
+BYZANTINE_MODES = WIRE_MODES + GRADIENT_MODES
+
+# oracle(ranks, flip_labels) -> (len(ranks), d): those ranks' flat gradients of the current step
+Oracle = Callable[[list[int], bool], torch.Tensor]
 
 
 @dataclass
@@ -29,9 +45,43 @@ class Directive:
     hang_s: float = 0.0
     byzantine: str | None = None
     byzantine_scale: float = 10.0
+    epsilon: float = 0.1            # ipm
+    z: float | None = None          # alie (None: from n and f, as the paper defines)
+    target: int = -1                # mimic: honest row to copy (-1: the paper's choice)
+    colluders: tuple[int, ...] = ()  # every rank Byzantine at this step (given to every rank)
 
     def __bool__(self) -> bool:
-        return bool(self.delay_s or self.crash or self.hang_s or self.byzantine)
+        return bool(self.delay_s or self.crash or self.hang_s or self.byzantine or self.colluders)
+
+
+@dataclass
+class ByzantineStep:
+    """This step's Byzantine ground truth on one rank; `mode` is None on an honest rank."""
+
+    ranks: tuple[int, ...]
+    mode: str | None = None
+    epsilon: float = 0.1
+    z: float | None = None
+    target: int = -1
+    oracle: Oracle | None = None
+
+    def forge(self, own: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        """The flat gradient this rank sends: its own unless a gradient-level mode attacks."""
+        if self.mode not in GRADIENT_MODES:
+            return own
+        if self.oracle is None:
+            raise RuntimeError(f"byzantine mode {self.mode!r} needs the worker's gradient oracle")
+        if self.mode == "label_flip":
+            return self.oracle([rank], True)[0].to(own.dtype)
+        honest = self.oracle([r for r in range(world_size) if r not in self.ranks], False)
+        if self.mode == "alie":
+            z = self.z if self.z is not None else attacks.alie_z(world_size, len(self.ranks))
+            forged = attacks.alie(honest, z)
+        elif self.mode == "ipm":
+            forged = attacks.ipm(honest, self.epsilon)
+        else:
+            forged = attacks.mimic(honest, self.target)
+        return forged.to(own.dtype)
 
 
 def corruption(mode: str, scale: float, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -50,7 +100,7 @@ def corruption(mode: str, scale: float, seed: int) -> Callable[[torch.Tensor], t
     return corrupt
 
 
-def apply(directive: Directive, comm, seed: int) -> None:
+def apply(directive: Directive, comm, seed: int, oracle: Oracle | None = None) -> None:
     """Apply `directive` to this process and its Communicator (hooks last one step)."""
     if directive.crash == "exit":
         os._exit(17)
@@ -63,10 +113,14 @@ def apply(directive: Directive, comm, seed: int) -> None:
             comm.before_op = None
             time.sleep(directive.hang_s)
         comm.before_op = in_collective
-    if directive.byzantine:
+    if directive.byzantine in WIRE_MODES:
         comm.outgoing = corruption(directive.byzantine, directive.byzantine_scale, seed)
+    if directive.colluders:
+        comm.byzantine = ByzantineStep(directive.colluders, directive.byzantine, directive.epsilon, directive.z,
+                                       directive.target, oracle)
 
 
 def clear(comm) -> None:
     comm.before_op = None
     comm.outgoing = None
+    comm.byzantine = None

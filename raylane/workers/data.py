@@ -8,8 +8,10 @@ data position is one integer (samples consumed), a resume is exact, and the batc
 all ranks concatenated are the global batch — whatever W is.
 
 Datasets: `chars` (a character-level corpus: Python's `pydoc_data.topics` English text
-by default, or any UTF-8 text file via `data.path`) and `synthetic` (a classification
-task labelled by a fixed random teacher network).
+by default, or any UTF-8 text file via `data.path`), `synthetic` (a classification
+task labelled by a fixed random teacher network) and `digits` (scikit-learn's bundled
+8x8 handwritten digits: workers/digits.py). A dataset with `classification = True`
+also gets eval/accuracy.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Protocol
 
 import torch
 
-from raylane.validation import check, one_of
+from raylane.validation import ConfigError, check, one_of
 
-DATASETS = ("chars", "synthetic")
+DATASETS = ("chars", "synthetic", "digits")
 
 
 @dataclass
@@ -48,6 +50,47 @@ class DataConfig:
         check(self.num_classes >= 2, f"{prefix}.num_classes", self.num_classes, "must be >= 2")
         if self.path is not None:
             check(Path(self.path).is_file(), f"{prefix}.path", self.path, "must be a readable text file")
+            if self.name == "chars":
+                check_corpus(read_corpus(self.path, f"{prefix}.path"), self.seq_len, self.eval_fraction,
+                             f"{prefix}.path", self.path)
+
+
+def read_corpus(path: str, key: str = "data.path") -> str:
+    """The text of a `data.path` file; ConfigError when it cannot be read or is not UTF-8 text."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}={path!r}: cannot be read ({e.strerror or e}); must be a readable text file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}={path!r}: not UTF-8 text (undecodable byte at offset {e.start}); "
+                          "must be a text file") from None
+    check("\x00" not in text, key, path, "looks binary (contains NUL bytes); must be a text file")
+    return text
+
+
+def min_corpus_chars(seq_len: int, eval_fraction: float) -> int:
+    """The fewest chars a corpus needs: both its train and eval parts must hold more than one
+    window of seq_len + 1 chars (the condition CharCorpus checks)."""
+    n = max(2 * (seq_len + 2), int((seq_len + 1) / eval_fraction), int((seq_len + 2) / (1 - eval_fraction))) - 2
+    while not _corpus_fits(n, seq_len, eval_fraction):
+        n += 1
+    return n
+
+
+def _corpus_fits(n_chars: int, seq_len: int, eval_fraction: float) -> bool:
+    split = int(n_chars * (1 - eval_fraction))
+    return split - seq_len - 1 > 0 and n_chars - split > seq_len + 1
+
+
+def check_corpus(text: str, seq_len: int, eval_fraction: float, key: str, value: object) -> None:
+    """ConfigError unless `text` is long enough for seq_len and eval_fraction."""
+    check(len(text) > 0, key, value, "the file is empty; must be a non-empty text file")
+    if not _corpus_fits(len(text), seq_len, eval_fraction):
+        need = min_corpus_chars(seq_len, eval_fraction)
+        raise ConfigError(f"{key}={value!r}: too short ({len(text)} chars); data.seq_len={seq_len} with "
+                          f"data.eval_fraction={eval_fraction} needs at least {need} chars")
 
 
 class Dataset(Protocol):
@@ -80,8 +123,7 @@ class CharCorpus:
         self.train, self.eval = tokens[:split], tokens[split:]
         self.seq_len = seq_len
         self.num_train = len(self.train) - seq_len - 1
-        check(self.num_train > 0 and len(self.eval) > seq_len + 1, "data.seq_len", seq_len,
-              f"the corpus ({len(tokens)} chars) is too short for it")
+        check_corpus(text, seq_len, eval_fraction, "data.seq_len", seq_len)
 
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
@@ -102,6 +144,8 @@ class CharCorpus:
 
 class SyntheticClassification:
     """Gaussian inputs labelled by a fixed random two-layer teacher (seeded)."""
+
+    classification = True
 
     def __init__(self, num_samples: int, input_dim: int, num_classes: int, seed: int, eval_fraction: float):
         g = torch.Generator().manual_seed(10_000 + seed)
@@ -124,8 +168,12 @@ class SyntheticClassification:
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.name == "chars":
-        text = Path(cfg.path).read_text(encoding="utf-8") if cfg.path else default_text()
+        text = read_corpus(cfg.path) if cfg.path else default_text()
         return CharCorpus(text, cfg.seq_len, cfg.eval_fraction)
+    if cfg.name == "digits":
+        from raylane.workers.digits import Digits
+
+        return Digits(cfg.eval_fraction)
     return SyntheticClassification(cfg.num_samples, cfg.input_dim, cfg.num_classes, seed, cfg.eval_fraction)
 
 

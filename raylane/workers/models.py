@@ -1,4 +1,5 @@
-"""The models configs name: a char-level decoder-only transformer and an MLP classifier.
+"""The models configs name: a char-level decoder-only transformer, an MLP classifier and a
+small CNN for square one-channel images given flat (digits: 8 x 8).
 
 Every model maps inputs to logits over `num_classes` (the vocabulary for the LM); the
 loss is cross-entropy over the last dimension, so one training step fits all.
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from raylane.validation import check, one_of
 
-MODELS = ("char_transformer", "mlp")
+MODELS = ("char_transformer", "mlp", "cnn")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ModelConfig:
     n_head: int = 4
     dropout: float = 0.0
     hidden: list[int] = field(default_factory=lambda: [128, 128])   # mlp hidden widths
+    channels: list[int] = field(default_factory=lambda: [16, 32])   # cnn: conv channels (each conv halves the side)
 
     def validate(self, prefix: str) -> None:
         one_of(f"{prefix}.name", self.name, MODELS)
@@ -36,6 +38,8 @@ class ModelConfig:
               f"must be >= 1 and divide model.d_model={self.d_model}")
         check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
         check(all(h >= 1 for h in self.hidden), f"{prefix}.hidden", self.hidden, "widths must be >= 1")
+        check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), f"{prefix}.channels", self.channels,
+              "must be a non-empty list of channel counts >= 1")
 
 
 class Block(nn.Module):
@@ -100,13 +104,37 @@ class MLP(nn.Module):
         return self.head(x)
 
 
+class CNN(nn.Module):
+    """Flat inputs of a square one-channel image -> [conv 3x3, ReLU, max-pool 2] per entry of
+    `channels` -> linear head. The side must stay >= 1 after the pools."""
+
+    def __init__(self, input_dim: int, num_classes: int, cfg: ModelConfig):
+        super().__init__()
+        self.side = math.isqrt(input_dim)
+        check(self.side * self.side == input_dim and self.side >> len(cfg.channels) >= 1, "model.channels",
+              cfg.channels, f"cnn needs square images with side >= 2^len(channels); input_dim={input_dim}")
+        widths = [1, *cfg.channels]
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+                                    for a, b in zip(widths, widths[1:]))
+        out_side = self.side >> len(cfg.channels)
+        self.head = nn.Linear(widths[-1] * out_side * out_side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, 1, self.side, self.side)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.flatten(1))
+
+
 def build_model(cfg: ModelConfig, num_classes: int, input_dim: int, seq_len: int, seed: int) -> nn.Module:
     """The same seed gives the same initial parameters in every process."""
     torch.manual_seed(seed)
     if cfg.name == "char_transformer":
         check(input_dim == 0, "model.name", cfg.name, "needs token data (data.name=chars)")
         return CharTransformer(num_classes, seq_len, cfg)
-    check(input_dim > 0, "model.name", cfg.name, "needs feature data (data.name=synthetic)")
+    check(input_dim > 0, "model.name", cfg.name, "needs feature data (data.name=synthetic or digits)")
+    if cfg.name == "cnn":
+        return CNN(input_dim, num_classes, cfg)
     return MLP(input_dim, num_classes, cfg)
 
 

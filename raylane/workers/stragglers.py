@@ -9,19 +9,26 @@ Every model is a pure function of (seed, rank, step), so a run can be replayed e
   worker, seconds) — e.g. the AWS Lambda traces of the Sequential Gradient Coding
   authors. Worker i of n takes column i; a round's delay is its time minus that round's
   fastest time, times `scale` (to bring Lambda seconds to local step times); rounds wrap.
+- `trace_load`: replay as the SGC authors' simulator does: a worker's whole response time in
+  the round, from the profile measured at the computational load the scheme gives each worker
+  (`delay(..., load=L)`, L = the fraction of a job's data per worker), times `scale`. `trace`
+  names one profile `<prefix>-loadXXXX.csv` (XXXX = load x 1000); its siblings with other
+  loads are read too, and L is interpolated linearly between the two nearest (clamped at the
+  ends). Coding that gives a worker more data makes it slower, as on the real workers.
 """
 
 from __future__ import annotations
 
 import csv
 import random
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from raylane.validation import check, one_of
 
-MODELS = ("fixed", "random", "bursty", "trace")
+MODELS = ("fixed", "random", "bursty", "trace", "trace_load")
 
 
 @dataclass
@@ -40,12 +47,15 @@ class StragglerModel:
         check(0 <= self.p_on <= 1, f"{prefix}.p_on", self.p_on, "must be in [0, 1]")
         check(0 <= self.p_off <= 1, f"{prefix}.p_off", self.p_off, "must be in [0, 1]")
         check(self.scale >= 0, f"{prefix}.scale", self.scale, "must be >= 0")
-        if self.model == "trace":
+        if self.model in ("trace", "trace_load"):
             check(self.trace is not None and Path(self.trace).is_file(), f"{prefix}.trace", self.trace,
                   "must be a readable CSV of per-round worker times")
+        if self.model == "trace_load":
+            check(_LOAD.search(Path(self.trace).name) is not None, f"{prefix}.trace", self.trace,
+                  "model=trace_load needs a profile named <prefix>-loadXXXX.csv (XXXX: load x 1000)")
 
-    def delay(self, seed: int, rank: int, step: int) -> float:
-        """Seconds rank `rank` is delayed at 1-based step `step`."""
+    def delay(self, seed: int, rank: int, step: int, load: float = 0.0) -> float:
+        """Seconds rank `rank` is delayed at 1-based step `step` (`load`: trace_load's work per worker)."""
         if self.ranks and rank not in self.ranks:
             return 0.0
         if self.model == "fixed":
@@ -55,6 +65,10 @@ class StragglerModel:
                 if self.delay_s > 0 else 0.0
         if self.model == "bursty":
             return self.delay_s if _bursty_on(seed, rank, step, self.p_on, self.p_off) else 0.0
+        if self.model == "trace_load":
+            rows = profile_at_load(self.trace, load)
+            row = rows[(step - 1) % len(rows)]
+            return row[rank % len(row)] * self.scale
         rows = load_trace(self.trace)
         row = rows[(step - 1) % len(rows)]
         return (row[rank % len(row)] - min(row)) * self.scale
@@ -71,6 +85,29 @@ def _bursty_on(seed: int, rank: int, step: int, p_on: float, p_off: float) -> bo
         prev = states[-1] if states else False
         states.append((u >= p_off) if prev else (u < p_on))
     return states[step - 1]
+
+
+_LOAD = re.compile(r"-load(\d{4})\.csv$")
+
+
+def load_profiles(path: str) -> dict[float, str]:
+    """{load: CSV path} of the profiles beside `path` (named <prefix>-loadXXXX.csv)."""
+    p = Path(path)
+    prefix = _LOAD.sub("", p.name)
+    return {int(m.group(1)) / 1000: str(f) for f in sorted(p.parent.glob(f"{prefix}-load*.csv"))
+            if (m := _LOAD.search(f.name)) is not None}
+
+
+@lru_cache(maxsize=32)
+def profile_at_load(path: str, load: float) -> list[list[float]]:
+    """Per-round worker response times at `load`, interpolated between the nearest profiles."""
+    profiles = load_profiles(path)
+    loads = sorted(profiles)
+    lo = max([x for x in loads if x <= load], default=loads[0])
+    hi = min([x for x in loads if x >= load], default=loads[-1])
+    a, b = load_trace(profiles[lo]), load_trace(profiles[hi])
+    w = 0.0 if hi == lo else (load - lo) / (hi - lo)
+    return [[(1 - w) * x + w * y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
 
 
 @lru_cache(maxsize=8)

@@ -39,6 +39,7 @@ class TrainWorker:
         self.comm = None
         self.step = 0  # the last step whose update this worker applied
         self._counted = (0, 0)  # (sent, recv) already reported in step metrics or spent on evaluation
+        self._offset = 0  # the current step's first global sample (train_step sets it)
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
 
     # -- group membership -------------------------------------------------------------
@@ -73,7 +74,7 @@ class TrainWorker:
         """
         t0 = time.perf_counter()
         if directive:
-            chaos.apply(directive, self.comm, self.cfg.seed * 7919 + step)
+            chaos.apply(directive, self.comm, self.cfg.seed * 7919 + step, self.gradients_of)
         try:
             target = self if hasattr(type(self), method) else self.strategy
             result = getattr(target, method)(*args, **kwargs)
@@ -103,6 +104,7 @@ class TrainWorker:
 
     def train_step(self, sample_offset: int, lr: float) -> dict[str, float]:
         t0 = time.perf_counter()
+        self._offset = sample_offset
         wait_before = self.comm.stats.wait_s
         self.model.train()
         batch = self.batch(sample_offset)
@@ -112,6 +114,21 @@ class TrainWorker:
                        step_time_s=time.perf_counter() - t0,
                        comm_wait_s=self.comm.stats.wait_s - wait_before, bytes_sent=sent, bytes_recv=recv)
         return metrics
+
+    def gradients_of(self, ranks: list[int], flip_labels: bool = False) -> torch.Tensor:
+        """(len(ranks), d): the flat gradients (parameters with requires_grad, in order) that those
+        ranks' slices of this step's batch give on the current parameters, .grad untouched. The
+        fault harness's omniscient adversary uses it (workers/chaos.py)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bs, rows = self.cfg.data.batch_size, []
+        for r in ranks:
+            x, y = self.data.train_batch(self.sampler.indices(self._offset + r * bs, bs))
+            if flip_labels:
+                y = self.data.vocab_size - 1 - y
+            grads = torch.autograd.grad(self._loss((x, y)), params, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).detach().cpu()
+                                   for g, p in zip(grads, params)]))
+        return torch.stack(rows)
 
     def _bytes_since_last_report(self) -> tuple[int, int]:
         """Training bytes since the last step's report: also what async collectives issued
@@ -123,17 +140,25 @@ class TrainWorker:
 
     @torch.no_grad()
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
-        """Per evaluation view: sum of eval losses and batch count over this rank's share."""
+        """Per evaluation view: sum of eval losses and batch count over this rank's share; for a
+        classification dataset also `<view>/accuracy`: (correct predictions, samples)."""
         self.model.eval()
         pending = self._bytes_since_last_report()  # training bytes, kept for the next step's report
         out = {}
+        classification = getattr(self.data, "classification", False)
         for view in self.strategy.eval_views:
-            total, count = 0.0, 0
+            total, count, correct, samples = 0.0, 0, 0, 0
             with self.strategy.eval_parameters(view):
                 for i in range(self.rank, self.cfg.data.eval_batches, num_shards):
-                    total += self._loss(self.data.eval_batch(i, self.cfg.data.batch_size)).item()
+                    x, y = (t.to(self.device) for t in self.data.eval_batch(i, self.cfg.data.batch_size))
+                    logits = self.model(x)
+                    total += loss_fn(logits, y).item()
                     count += 1
+                    correct += int((logits.argmax(-1) == y).sum())
+                    samples += y.numel()
             out[view] = (total, count)
+            if classification:
+                out[f"{view}/accuracy"] = (correct, samples)
         self._bytes_since_last_report()  # evaluation's own bytes are not training traffic
         self._counted = (self._counted[0] - pending[0], self._counted[1] - pending[1])
         return out
@@ -145,8 +170,9 @@ class TrainWorker:
     # -- state ------------------------------------------------------------------------
     def state_dict(self, replica: bool = True) -> dict[str, Any]:
         """`replica`: model, optimizer and strategy state (skipped when a peer's copy will do);
-        `local`: what is this process's own (RNG streams)."""
-        local = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        `local`: what is this process's own (RNG streams). Tensors and plain types only, so that a
+        checkpoint loads with `torch.load(weights_only=True)`."""
+        local = {**rng_state(), "strategy": self.strategy.local_state_dict()}
         if not replica:
             return {"replica": None, "local": local}
         return {"replica": {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -158,9 +184,8 @@ class TrainWorker:
         self.optimizer.load_state_dict(replica["optimizer"])
         self.strategy.load_state_dict(replica["strategy"])
         if local is not None:
-            torch.set_rng_state(local["torch"])
-            np.random.set_state(local["numpy"])
-            random.setstate(local["python"])
+            set_rng_state(local)
+            self.strategy.load_local_state_dict(local.get("strategy", {}))
 
     def flat_parameters(self) -> torch.Tensor:
         with self.strategy.eval_parameters(self.strategy.eval_views[0]):
@@ -172,3 +197,24 @@ class TrainWorker:
     def ping(self) -> tuple[int, int]:
         """(rank, last applied step): a heartbeat."""
         return self.rank, self.step
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, numpy and Python RNG streams as tensors and plain types."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_state(local: dict[str, Any]) -> None:
+    """Restore what `rng_state()` returned."""
+    torch.set_rng_state(local["torch"])
+    n = local["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = local["python"]
+    random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss_next"]))

@@ -1,0 +1,187 @@
+"""robust: Byzantine-robust data parallel training with a robust aggregator (Flag, Krum, ...).
+
+Each step every worker computes the gradient of its slice of the global batch and flattens it
+(parameters with requires_grad, in order). Then, by `aggregate_on`:
+- `workers` (peer to peer): the flat gradients are all-gathered through the Communicator
+  (counted; `compression` compresses them, compressed_allgather: every rank decompresses the
+  same payloads, its own included), every rank runs the same deterministic aggregator on the
+  same (n, d) matrix — the same bits everywhere — writes the result into .grad, clips and
+  steps. Replicas stay identical; a stateful rule's state (centered clipping's center) is in
+  the worker half's state_dict, identical on every rank.
+- `driver` (the paper's parameter server): the flat gradients (compressed if configured) go
+  back through Ray with the step's `train_step` result; the driver half aggregates and every
+  worker applies the update (`robust_apply`). Bytes are the payloads' sizes, as Ray carries them.
+Byzantine workers (the fault plan's `byzantine` events) forge the row they send through
+`comm.byzantine` (workers/chaos.py): wire-level modes corrupt what is sent, gradient-level modes
+(alie, ipm, mimic, label_flip) are the colluding omniscient attacks of strategies/attacks.py.
+`f` is the number of Byzantine workers the rule is set to tolerate; config checks (n > 2f for
+every rule, Krum n > 2f + 2, Bulyan n >= 4f + 3, ...) run before any actor starts. `nnm: true`
+mixes the rows (nearest-neighbour mixing) before the rule. Metrics: robust_round.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from raylane.comm.collectives import compressed_allgather
+from raylane.comm.compression_config import CompressionConfig
+from raylane.strategies.aggregators import NNM, build, registry
+from raylane.strategies.aggregators.clipping import CenteredClippingConfig
+from raylane.strategies.aggregators.flag import FlagConfig
+from raylane.strategies.aggregators.geomed import GeoMedConfig
+from raylane.strategies.aggregators.krum import MultiKrumConfig
+from raylane.strategies.aggregators.simple import TrimmedMeanConfig
+from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
+from raylane.strategies.ddp import clip_and_step
+from raylane.strategies.robust_round import aggregate
+from raylane.validation import check, one_of
+
+PLACES = ("workers", "driver")
+
+
+@dataclass
+class RobustConfig:
+    name: str = "robust"
+    aggregator: str = "flag"        # mean | median | trimmed_mean | krum | multi_krum | bulyan | geomed | ...
+    f: int = 0                      # Byzantine workers the rule tolerates
+    nnm: bool = False               # nearest-neighbour mixing before the rule
+    aggregate_on: str = "workers"   # workers (allgather, every rank aggregates) | driver (through Ray)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)   # of the exchanged gradients
+    trimmed_mean: TrimmedMeanConfig = field(default_factory=TrimmedMeanConfig)
+    multi_krum: MultiKrumConfig = field(default_factory=MultiKrumConfig)
+    geomed: GeoMedConfig = field(default_factory=GeoMedConfig)
+    centered_clipping: CenteredClippingConfig = field(default_factory=CenteredClippingConfig)
+    flag: FlagConfig = field(default_factory=FlagConfig)
+
+    def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.aggregator", self.aggregator, sorted(registry()))
+        one_of(f"{prefix}.aggregate_on", self.aggregate_on, PLACES)
+        check(self.f >= 0, f"{prefix}.f", self.f, "must be >= 0")
+        check(self.compression.name != "powersgd", f"{prefix}.compression.name", self.compression.name,
+              "robust exchanges whole gradients: choose a compressor other than powersgd")
+
+    def aggregator_config(self) -> Any:
+        cls = registry()[self.aggregator]
+        return getattr(self, self.aggregator, None) or cls.config_cls()
+
+    def check_run(self, run: Any) -> None:
+        """The rule's condition on n and f (before any actor starts)."""
+        n = run.cluster.num_workers
+        need, text = registry()[self.aggregator].min_workers(self.aggregator_config(), self.f)
+        check(n >= need, "strategy.f", self.f,
+              f"aggregator={self.aggregator} needs {text}; cluster.num_workers={n} (needs >= {need})")
+        if self.nnm:
+            check(n > 2 * self.f, "strategy.nnm", self.nnm, f"needs n > 2f; cluster.num_workers={n}, f={self.f}")
+
+    def build_aggregator(self) -> Any:
+        agg = build(self.aggregator, self.aggregator_config(), self.f)
+        return NNM(agg, self.f) if self.nnm else agg
+
+
+class RobustWorker(WorkerStrategy):
+    replicas_identical = True
+    forges_gradients = True     # consults comm.byzantine: gradient-level attacks are possible
+    update_methods = ("train_step", "robust_apply")
+
+    def __init__(self, cfg: RobustConfig, ctx: WorkerContext):
+        super().__init__(cfg, ctx)
+        self.params = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.on_driver = cfg.aggregate_on == "driver"
+        self.update_methods = ("robust_apply",) if self.on_driver else ("train_step",)
+        self.aggregator = cfg.build_aggregator()
+        self.compressor = cfg.compression.build(rank=ctx.rank, prefix="strategy.compression")
+        self.agg_state: dict | None = None
+
+    def _flat_gradient(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).detach().cpu()
+                          for p in self.params])
+
+    def train_step(self, batch, lr: float) -> dict[str, Any]:
+        ctx = self.ctx
+        ctx.optimizer.zero_grad(set_to_none=False)
+        loss = ctx.loss(batch)
+        loss.backward()
+        flat = self._flat_gradient()
+        byz = ctx.comm.byzantine
+        if byz is not None:
+            flat = byz.forge(flat, ctx.rank, ctx.world_size)
+        ranks = list(byz.ranks) if byz is not None else []
+        if self.on_driver:
+            payload = self.compressor.compress(flat, "robust").to_bytes()
+            return {"loss": loss.item(), "gradient": payload, "byzantine_ranks": ranks, "numel": flat.numel()}
+        rows = self._exchange(flat)
+        res, metrics = aggregate(self.aggregator, torch.stack(rows), self.agg_state, ranks, ctx.rank == 0)
+        self.agg_state = res.state
+        return {"loss": loss.item(), "grad_norm": self._apply(res.vector, lr), **metrics}
+
+    def _exchange(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        if self.cfg.compression.name == "none":
+            return self.ctx.comm.allgather(flat, label="robust.allgather")
+        return compressed_allgather(self.ctx.comm, flat, self.compressor, key="robust")
+
+    def _apply(self, vector: torch.Tensor, lr: float) -> float:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            grad = vector[offset:offset + n].view_as(p).to(p.device, p.dtype)
+            if p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)
+            offset += n
+        return clip_and_step(self.ctx, lr)
+
+    def robust_apply(self, vector: torch.Tensor, lr: float) -> dict[str, float]:
+        """Driver mode: apply the driver's aggregate."""
+        return {"grad_norm": self._apply(vector, lr)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aggregator": self.agg_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.agg_state = state.get("aggregator")
+
+
+class RobustDriver(DriverStrategy):
+    """Peer to peer by default; with aggregate_on=driver, gathers the gradients through Ray,
+    aggregates here and sends every worker the update."""
+
+    def __init__(self, cfg: RobustConfig, world_size: int):
+        super().__init__(cfg, world_size)
+        self.aggregator = cfg.build_aggregator()
+        self.decoder = cfg.compression.build(prefix="strategy.compression")
+        self.agg_state: dict | None = None
+
+    def run_round(self, workers: WorkerCalls, step: int, sample_offset: int, lr: float) -> list[dict]:
+        if self.cfg.aggregate_on == "workers":
+            return super().run_round(workers, step, sample_offset, lr)
+        results = workers.get(workers.call("train_step", sample_offset, lr))
+        rows, sent = [], []
+        for r in results:
+            payload, numel = r.pop("gradient"), r.pop("numel")
+            sent.append(payload.numel())
+            rows.append(self.decoder.decompress(self.decoder.from_bytes(payload, (numel,), torch.float32)))
+        res, metrics = aggregate(self.aggregator, torch.stack(rows), self.agg_state,
+                                 results[0].pop("byzantine_ranks"), True)
+        self.agg_state = res.state
+        update = ray.put(res.vector)
+        applied = workers.get(workers.call("robust_apply", update, lr))
+        recv = res.vector.numel() * res.vector.element_size()
+        for r, a, nbytes in zip(results, applied, sent):
+            r.pop("byzantine_ranks", None)
+            r.update(grad_norm=a["grad_norm"], bytes_sent=r["bytes_sent"] + nbytes, bytes_recv=r["bytes_recv"] + recv,
+                     **metrics)
+        return results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aggregator": self.agg_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.agg_state = state.get("aggregator")
+
+
+register("robust", RobustConfig, RobustWorker, RobustDriver)

@@ -1,0 +1,142 @@
+"""Blockwise quantizers: int8 / int4, 4-bit floats (e2m1, e3m0), 1-bit sign. Packed, with fp32 scales.
+
+Each block of `block_size` consecutive values has one fp32 scale. Error bounds per value (nearest
+rounding; stochastic rounding doubles them but is unbiased):
+
+- int{8,4}: scale = absmax / qmax (qmax 127 or 7); |error| <= scale / 2.
+- fp4: scale = absmax / grid max; |error| <= half the gap between the two grid points around |x|/scale,
+  times scale (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; e3m0 grid 0, 2^-6 .. 2^0).
+- sign: scale = mean |x| of the block; value = scale * sign(x) (0 counts as +);
+  sum of squared errors of a block = ||x||^2 - n * scale^2.
+
+Wire bytes for n values in b blocks: int8 n + 4b; int4 and fp4 ceil(n/2) + 4b; sign ceil(n/8) + 4b.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests._reference_comm import quant
+from tests._reference_comm.compressors import (Compressor, Payload, SeededGenerators, ShapeLike, as_shape, check_choice,
+                                      check_int)
+
+
+class _Blockwise(Compressor):
+    """Shared by the quantizers: block size, optional stochastic rounding, scale per block."""
+
+    def __init__(self, block_size: int, stochastic: bool, seed: int):
+        check_int("block_size", block_size, 1)
+        check_choice("stochastic", stochastic, [False, True])
+        check_int("seed", seed, 0)
+        self.block_size, self.stochastic, self.align = block_size, stochastic, block_size
+        self._rngs = SeededGenerators(seed)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        return self._rngs.get(device) if self.stochastic else None
+
+    def _num_blocks(self, shape: ShapeLike) -> int:
+        return quant.num_blocks(math.prod(as_shape(shape)), self.block_size)
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        return quant.to_blocks(t.reshape(-1).float(), self.block_size)
+
+    def _expand(self, values: torch.Tensor, scales: torch.Tensor, numel: int) -> torch.Tensor:
+        """values (flat, numel) times their block's scale."""
+        return (quant.to_blocks(values, self.block_size) * scales.unsqueeze(1)).reshape(-1)[:numel]
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rngs.state_dict()} if self.stochastic else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rngs.load_state_dict(state.get("rng", {}))
+
+    def __repr__(self) -> str:
+        return f"{self.name}(block_size={self.block_size}{', stochastic' if self.stochastic else ''})"
+
+
+class IntQuantizer(_Blockwise):
+    """Symmetric absmax integer quantization to 8 or 4 bits (4-bit codes packed two per byte)."""
+
+    def __init__(self, bits: int = 8, block_size: int = 256, stochastic: bool = False, seed: int = 0):
+        check_choice("bits", bits, [4, 8])
+        super().__init__(block_size, stochastic, seed)
+        self.bits, self.qmax, self.name = bits, 2 ** (bits - 1) - 1, f"int{bits}"
+
+    def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+        n = math.prod(as_shape(shape))
+        codes = n if self.bits == 8 else -(-n // 2)
+        return {"scales": (torch.float32, self._num_blocks(shape)), "codes": (torch.uint8, codes)}
+
+    def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        blocks = self._blocks(t)
+        scales = quant.block_absmax(blocks) / self.qmax
+        q = quant.round_to_int_(quant.scale_rows(blocks, scales), self._generator(t.device))
+        q = q.clamp_(-self.qmax, self.qmax).reshape(-1)[:t.numel()]
+        if self.bits == 8:
+            codes = q.to(torch.int8).view(torch.uint8)
+        else:
+            codes = quant.pack_nibbles(q.add_(8).to(torch.uint8))
+        return {"scales": scales, "codes": codes}
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        codes, n = payload.parts["codes"], payload.numel
+        if self.bits == 8:
+            q = codes.view(torch.int8).float()
+        else:
+            q = quant.unpack_nibbles(codes, n).float() - 8
+        return self._expand(q, payload.parts["scales"], n)
+
+
+class FP4Quantizer(_Blockwise):
+    """4-bit floats, sign bit + 3-bit magnitude index into the format's grid; scale per block."""
+
+    def __init__(self, format: str = "e2m1", block_size: int = 256, stochastic: bool = False, seed: int = 0):
+        check_choice("format", format, sorted(quant.FP4_GRIDS))
+        super().__init__(block_size, stochastic, seed)
+        self.format, self.name, self.grid = format, f"fp4_{format}", list(quant.FP4_GRIDS[format])
+        self._values = torch.tensor(self.grid + [-v for v in self.grid], dtype=torch.float32)  # by 4-bit code
+
+    def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+        n = math.prod(as_shape(shape))
+        return {"scales": (torch.float32, self._num_blocks(shape)), "codes": (torch.uint8, -(-n // 2))}
+
+    def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        blocks = self._blocks(t)
+        scales = quant.block_absmax(blocks) / self.grid[-1]
+        mag = quant.scale_rows(blocks, scales).reshape(-1)[:t.numel()]
+        negative = mag < 0
+        mag = mag.abs_().clamp_(max=self.grid[-1])
+        codes = quant.round_to_grid(mag, self.grid, self._generator(t.device))
+        return {"scales": scales, "codes": quant.pack_nibbles(codes.add_(negative.to(torch.uint8) << 3))}
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        codes = quant.unpack_nibbles(payload.parts["codes"], payload.numel)
+        values = self._values.to(codes.device).index_select(0, codes.int())
+        return self._expand(values, payload.parts["scales"], payload.numel)
+
+
+class SignQuantizer(_Blockwise):
+    """1 bit per value (its sign, packed eight per byte) and the block's mean |x| as scale."""
+
+    name = "sign"
+
+    def __init__(self, block_size: int = 256):
+        super().__init__(block_size, False, 0)
+
+    def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+        n = math.prod(as_shape(shape))
+        return {"scales": (torch.float32, self._num_blocks(shape)), "signs": (torch.uint8, -(-n // 8))}
+
+    def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        blocks, n = self._blocks(t), t.numel()
+        counts = torch.full((blocks.shape[0],), float(self.block_size), device=t.device)
+        if n % self.block_size:
+            counts[-1] = n % self.block_size
+        scales = blocks.abs().sum(dim=1) / counts
+        return {"scales": scales, "signs": quant.pack_bits(t.reshape(-1) >= 0)}
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        positive = quant.unpack_bits(payload.parts["signs"], payload.numel)
+        return self._expand(positive.float() * 2 - 1, payload.parts["scales"], payload.numel)

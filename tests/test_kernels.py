@@ -1,0 +1,112 @@
+"""Quantization kernels (raylane.comm.kernels): the eager and the torch.compile'd path give the bits of
+the reference quantizers (tests/_reference_comm, the code before the speed work), on awkward values:
+all-zero blocks, signed zeros, exact grid midpoints, tiny and huge scales."""
+
+import pytest
+import torch
+
+from raylane.comm import kernels
+from tests._reference_comm.quantizers import FP4Quantizer, IntQuantizer
+
+pytestmark = pytest.mark.timeout(600)
+
+BLOCK = 64
+
+
+def awkward(blocks: int, seed: int) -> torch.Tensor:
+    """Heavy-tailed values, plus blocks of zeros, -0.0, exact fp4 midpoints and denormal-scale blocks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(blocks, BLOCK, generator=g) * torch.randn(blocks, BLOCK, generator=g).exp() * 3
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5,
+                              -3.5, -5.0, -0.0])  # scaled by 1: midpoints of e2m1
+    x[2, 16:] = 0.0
+    x[3] = x[3] * 1e-40  # scale's reciprocal overflows: capped
+    x[4, :8] = torch.tensor([2.0 ** e for e in range(-7, 1)])  # e3m0 grid and midpoints
+    x[4, 8:] = -x[4, :8].repeat(7)
+    return x
+
+
+def _int_case(bits: int, x: torch.Tensor, noise: torch.Tensor | None):
+    n, nb = x.numel(), x.shape[0]
+    scales, codes = torch.empty(nb), torch.empty(n if bits == 8 else n // 2, dtype=torch.uint8)
+    kernels.encode_int(x, 2 ** (bits - 1) - 1, bits, noise, scales,
+                       codes.view(torch.int8) if bits == 8 else codes, torch.empty(n), torch.empty(n, dtype=torch.int32))
+    return scales, codes
+
+
+def _decode(kind, codes, scales, n, nb, accumulate_onto=None):
+    out = torch.zeros(nb, BLOCK) if accumulate_onto is None else accumulate_onto.clone()
+    args = (out, accumulate_onto is not None, torch.empty(n), torch.empty(n, dtype=torch.int32))
+    if isinstance(kind, int):
+        kernels.decode_int(codes, scales, kind, *args)
+    else:
+        kernels.decode_fp4(codes, scales, kind, *args)
+    return out
+
+
+def _check_all(compiled: bool) -> None:
+    kernels.configure(compile=compiled, min_numel=0)
+    try:
+        x = awkward(40, 0)
+        n, nb = x.numel(), x.shape[0]
+        base = torch.randn(nb, BLOCK, generator=torch.Generator().manual_seed(5))
+        for bits in (8, 4):
+            ref = IntQuantizer(bits, BLOCK)
+            parts = ref.compress(x.reshape(-1)).parts
+            scales, codes = _int_case(bits, x, None)
+            assert torch.equal(scales.view(torch.int32), parts["scales"].view(torch.int32)), bits
+            assert torch.equal(codes, parts["codes"]), bits
+            want = ref.decompress(ref.compress(x.reshape(-1))).view(nb, BLOCK)
+            assert torch.equal(_decode(bits, codes, scales, n, nb).view(torch.int32), want.view(torch.int32))
+            summed = _decode(bits, codes, scales, n, nb, accumulate_onto=base)
+            assert torch.equal(summed.view(torch.int32), (base + want).view(torch.int32))
+            sr = IntQuantizer(bits, BLOCK, stochastic=True, seed=3)
+            noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+            scales, codes = _int_case(bits, x, noise)
+            assert torch.equal(codes, sr.compress(x.reshape(-1)).parts["codes"]), f"stochastic int{bits}"
+        for fmt in ("e2m1", "e3m0"):
+            ref = FP4Quantizer(fmt, BLOCK)
+            parts = ref.compress(x.reshape(-1)).parts
+            scales, codes = torch.empty(nb), torch.empty(n // 2, dtype=torch.uint8)
+            kernels.encode_fp4(x, ref.grid, scales, codes, torch.empty(n), torch.empty(n, dtype=torch.int32))
+            assert torch.equal(scales.view(torch.int32), parts["scales"].view(torch.int32)), fmt
+            assert torch.equal(codes, parts["codes"]), fmt
+            want = ref.decompress(ref.compress(x.reshape(-1))).view(nb, BLOCK)
+            assert torch.equal(_decode(ref.grid, codes, scales, n, nb).view(torch.int32), want.view(torch.int32))
+            summed = _decode(ref.grid, codes, scales, n, nb, accumulate_onto=base)
+            assert torch.equal(summed.view(torch.int32), (base + want).view(torch.int32))
+    finally:
+        kernels.configure(compile=True, min_numel=1 << 20)
+
+
+def test_eager_kernels_give_the_reference_quantizers_bits():
+    _check_all(compiled=False)
+
+
+def test_compiled_kernels_give_the_reference_quantizers_bits():
+    """Compiles each kernel once (seconds each on 2 cores; inductor's disk cache makes reruns fast)."""
+    _check_all(compiled=True)
+    assert kernels.configure()["compile"], "torch.compile failed and fell back to eager"
+
+
+def test_nan_or_inf_in_a_block_gives_a_non_finite_scale():
+    x = awkward(8, 1)
+    x[5, 3], x[6, 0] = float("nan"), -float("inf")
+    scales, _ = _int_case(8, x, None)
+    assert scales[5].isnan() and scales[6].isinf() and scales[[0, 1, 2, 3, 4, 7]].isfinite().all()
+
+
+def test_compression_config_compile_switch_sets_the_kernel_path():
+    from raylane.comm.compression_config import CompressionConfig
+
+    try:
+        CompressionConfig("int", bits=8, compile=False).build()
+        assert not kernels.use_compiled(1 << 24)
+        CompressionConfig("fp4", compile=True).build()
+        assert kernels.use_compiled(1 << 24) and not kernels.use_compiled(1000)
+        with pytest.raises(ValueError, match=r"compression.compile='yes': must be one of \[None, False, True\]"):
+            CompressionConfig("int", compile="yes").build()
+    finally:
+        kernels.configure(compile=True)
