@@ -57,3 +57,14 @@ def test_a_run_whose_every_sync_fails_stops_with_run_failed(ray_cluster, tmp_pat
         coord.close()
     events = [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e.get("event") == "run_failed"] == ["run_failed"]
+
+
+def test_silent_workers_are_hung_once_every_answer_is_a_collective_timeout():
+    from raylane.orchestrator.worker_group import _silent_ones_are_hung
+
+    timed_out = WorkerFailure(errored={1, 2}, errors={1: "RuntimeError: [pair.cc:598] Timed out waiting 5000ms",
+                                                      2: "RuntimeError: [pair.cc:598] Timed out waiting 5000ms"})
+    assert _silent_ones_are_hung({}, timed_out)  # the peers waited the timeout on the silent one
+    assert not _silent_ones_are_hung({"ref": 1.0}, timed_out)  # someone finished: the silent may be slow
+    crashed = WorkerFailure(errored={1}, errors={1: "RuntimeError: Connection closed by peer"})
+    assert not _silent_ones_are_hung({}, crashed)  # a crash, not a wait: the others get GRACE_S to answer

@@ -24,6 +24,7 @@ from raylane.workers.worker import TrainWorker
 log = logging.getLogger(__name__)
 
 GRACE_S = 3.0  # after the first failure of a round, how long the others get to answer
+SETTLE_S = 0.5  # peers timed out waiting on the silent ones: wait this long for more errors, then decide
 STATUS_AFTER_S = 2.0  # a round silent this long: say in the progress bar whom it waits on
 
 
@@ -41,6 +42,13 @@ class WorkerFailure(Exception):
 
     def __str__(self) -> str:
         return f"dead={sorted(self.dead)} hung={sorted(self.hung)} errored={sorted(self.errored)}"
+
+
+def _silent_ones_are_hung(results: dict, failure: WorkerFailure) -> bool:
+    """Every worker that answered failed, and some timed out in a collective: the ones still
+    silent are what they waited for, so they are hung now (not GRACE_S later)."""
+    return (not results and not failure.dead and bool(failure.errored)
+            and any("timed out" in e.lower() for e in failure.errors.values()))
 
 
 class WorkerGroup:
@@ -145,8 +153,10 @@ class WorkerGroup:
         start = time.monotonic()
         deadline = start + (timeout or self.cfg.cluster.round_timeout_s)
         pending, results, failure = list(refs), {}, WorkerFailure()
+        last_error = start
         while pending and time.monotonic() < deadline:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, min(SETTLE_S, deadline - time.monotonic())))
             self._report_wait(pending, start, deadline, failure)
             for ref in ready:
                 rank = self._ref_rank.get(ref, -1)
@@ -155,7 +165,7 @@ class WorkerGroup:
                 except ray.exceptions.RayActorError:
                     failure.dead.add(rank)
                 except ray.exceptions.RayError as e:
-                    failure.errors[rank] = str(e).strip().splitlines()[-1][:200]
+                    failure.errors[rank], last_error = str(e).strip().splitlines()[-1][:200], time.monotonic()
                     log.warning("worker %d failed: %s", rank, failure.errors[rank])
                     failure.errored.add(rank)
                 if (failure.dead or failure.errored) and pending:
@@ -163,6 +173,8 @@ class WorkerGroup:
                     # start: a peer that errored on a timeout already waited that long), at least GRACE_S
                     own = start + self.cfg.cluster.collective_timeout_s + GRACE_S
                     deadline = min(deadline, max(own, time.monotonic() + GRACE_S))
+            if pending and _silent_ones_are_hung(results, failure) and time.monotonic() - last_error >= SETTLE_S:
+                break
         if self.on_wait is not None:
             self.on_wait("")
         failure.hung = {self._ref_rank.get(ref, -1) for ref in pending}
