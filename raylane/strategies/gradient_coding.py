@@ -422,8 +422,8 @@ class CodedDriver(DriverStrategy):
                 (result,) = workers.get([ref])
                 answers[rank] = (time.perf_counter() - t0, result)
                 patience.answered(answers[rank][0])
-        if violation:
-            log.info("round %d (%s): the silent workers could not be declared stragglers; waited for some of "
+        if violation:  # counted in gc/violation and the summary; a line per round is noise on a busy host
+            log.debug("round %d (%s): the silent workers could not be declared stragglers; waited for some of "
                      "them (violation)", self.schedule.round, self.schedule.name)
         return _Round(answers, frozenset(pending.values()), violation, patience.first or 0.0)
 
