@@ -87,6 +87,8 @@ CASES = [
     (["strategy.flag.r=0"], "strategy.flag.r", ">= 1"),
     (["strategy.aggregator=nope"], "strategy.aggregator", "choose one of"),
     (["strategy.flag.rescale=norm"], "strategy.flag.rescale", "median_norm"),
+    # 3 ALIE colluders of 4 workers: the paper's z does not exist (else every step fails at run time)
+    (["faults=byzantine_alie"], "faults.events[0].mode", "cluster.num_workers=4"),
 ]
 
 

@@ -35,6 +35,7 @@ from raylane.strategies.aggregators.flag import FlagConfig
 from raylane.strategies.aggregators.geomed import GeoMedConfig
 from raylane.strategies.aggregators.krum import MultiKrumConfig
 from raylane.strategies.aggregators.simple import TrimmedMeanConfig
+from raylane.strategies.attacks import alie_z
 from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
 from raylane.strategies.ddp import clip_and_step
 from raylane.strategies.robust_round import aggregate
@@ -76,10 +77,24 @@ class RobustConfig:
               f"aggregator={self.aggregator} needs {text}; cluster.num_workers={n} (needs >= {need})")
         if self.nnm:
             check(n > 2 * self.f, "strategy.nnm", self.nnm, f"needs n > 2f; cluster.num_workers={n}, f={self.f}")
+        _check_alie(run.faults.events, n)
 
     def build_aggregator(self) -> Any:
         agg = build(self.aggregator, self.aggregator_config(), self.f)
         return NNM(agg, self.f) if self.nnm else agg
+
+
+def _check_alie(events: list, n: int) -> None:
+    """ALIE with the paper's z (z: null) needs floor(n/2 + 1) > f colluders, else no z exists."""
+    alie = [i for i, e in enumerate(events) if e.kind == "byzantine" and e.mode == "alie" and e.z is None]
+    colluders = len({events[i].rank for i in alie})
+    for i in alie:
+        try:
+            alie_z(n, colluders)
+        except ValueError:
+            check(False, f"faults.events[{i}].mode", "alie",
+                  f"the paper's z needs floor(n/2 + 1) > {colluders} colluders but cluster.num_workers={n}: "
+                  f"use more workers (e.g. cluster.num_workers=15) or set faults.events[{i}].z")
 
 
 class RobustWorker(WorkerStrategy):
