@@ -41,7 +41,7 @@ def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     lg = ["strategy=lgreco", f"strategy.warmup_steps={args.warmup}", f"strategy.adjust_every={args.adjust_every}",
           f"strategy.accumulate_steps={args.accumulate}", f"strategy.min_numel={args.min_numel}"]
     uniform = [*lg, "strategy.adaptive=false"]
-    adaptive = [*lg, f"strategy.alpha={args.alpha}", f"strategy.delta={args.delta}"]
+    adaptive = [*lg, f"strategy.alpha={args.alpha}", f"strategy.delta={args.delta}", *args.set]
     return [("ddp", "ddp", ["strategy=ddp"]),
             ("uniform powersgd:2", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:2"]),
             ("uniform powersgd:3", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:3"]),
@@ -165,6 +165,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--eval-batches", type=int, default=32)
     p.add_argument("--only", default="", help="comma-separated system names (default: all)")
+    p.add_argument("--set", action="append", default=[], help="an extra override for the L-GreCo systems (repeatable)")
+    p.add_argument("--out", default="lgreco", help="results file name (benchmarks/results/OUT.{json,md,png})")
     p.add_argument("--lock", default="", help="a file to flock for each round of systems (shared machines)")
     args = p.parse_args()
     if args.quick:
@@ -184,13 +186,14 @@ def main() -> None:
                 finally:
                     ray.shutdown()
     rows = [summarise(name, kind, runs[name]) for name, kind, _ in chosen]
-    out = "lgreco_quick" if args.quick else "lgreco"
+    out = "lgreco_quick" if args.quick else args.out
     notes = (f"{WORKERS} workers x 0.5 CPU on {os.cpu_count()} cores; char transformer n_layer={args.n_layer} "
              f"d_model={args.d_model}, batch 16x64 chars per worker, {args.steps} steps, AdamW (lr 3e-3, cosine, "
              f"{args.warmup} warm-up steps), seeds 0..{args.seeds - 1} interleaved; compressed systems send full "
              f"precision for the first {args.warmup} steps and for layers under {args.min_numel} values. "
              f"L-GreCo: alpha={args.alpha}, delta={args.delta}, re-chosen every {args.adjust_every} steps from "
-             f"{args.accumulate} accumulated steps. Load average before {load_before}, after {os.getloadavg()}.\n\n"
+             f"{args.accumulate} accumulated steps, extra overrides {args.set}. "
+             f"Load average before {load_before}, after {os.getloadavg()}.\n\n"
              "Levels chosen at the end (seed 0):\n\n" + "\n".join(
                  f"- {name}: " + ", ".join(f"{k}={v}" for k, v in runs[name][0]["levels"].items())
                  for name, kind, _ in chosen if kind == "lgreco"))

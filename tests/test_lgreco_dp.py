@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raylane.strategies.lgreco_dp import choose_levels, solve_mckp
-from raylane.strategies.lgreco_levels import compressor, errors, wire_bytes
+from raylane.strategies.lgreco_levels import compressor, errors, in_range, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,3 +131,25 @@ def test_benchmark_claims_are_ratios_of_the_rows():
     assert vs_ddp["value"] == round(1000 / 150, 4) and vs_ddp["holds"]
     rows[3]["eval_loss"] = 2.05  # 2.5% behind ddp: the ddp claim fails whatever the bytes
     assert not claims(rows)[1]["holds"]
+
+
+def test_level_range_keeps_the_candidates_within_gamma_to_beta_times_the_default_bytes():
+    shape, world = (512, 128), 4
+    kept_levels = [lv for lv in ["powersgd:1", "powersgd:8", "topk:0.001", "topk:0.03", "bf16", "int8", "int4",
+                                 "fp4_e2m1", "sign"] if in_range(lv, "int4", shape, world, [0.5, 2.0])]
+    for lv in kept_levels:
+        assert 0.5 * 0.99 <= wire_bytes(lv, shape, world) / wire_bytes("int4", shape, world) <= 2.0 * 1.01
+    assert kept_levels == ["powersgd:8", "topk:0.03", "int8", "int4", "fp4_e2m1"]  # sign, bf16, rank 1 out
+    for shape in [(512, 128), (96, 128), (128, 512)]:  # k rounded: twice and half the density stay in
+        assert in_range("topk:0.02", "topk:0.01", shape, world, [0.5, 2.0])
+        assert in_range("topk:0.005", "topk:0.01", shape, world, [0.5, 2.0])
+    assert in_range("sign", "int4", shape, world, None)  # null: every candidate
+
+
+@pytest.mark.parametrize("bad", ["[0.5]", "[0, 2]", "[1.5, 2]", "[0.5, 0.9]"])
+def test_level_range_outside_gamma_le_1_le_beta_is_a_one_line_config_error(bad):
+    from raylane import config
+    from raylane.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.level_range"):
+        config.load(["strategy=lgreco", f"strategy.level_range={bad}"])

@@ -40,7 +40,7 @@ from raylane.strategies.base import WorkerContext, register
 from raylane.strategies.ddp import DDPWorker, _Bucket, clip_and_step, group_buckets
 from raylane.strategies.lgreco_config import LGrecoConfig
 from raylane.strategies.lgreco_dp import choose_levels
-from raylane.strategies.lgreco_levels import applies, compressor, errors, family, wire_bytes
+from raylane.strategies.lgreco_levels import applies, compressor, errors, family, in_range, wire_bytes
 
 
 @dataclass
@@ -68,7 +68,7 @@ class LGrecoWorker(DDPWorker):
         self.default_level = cfg.default()
         if self.default_level not in self.columns:
             self.columns.append(self.default_level)
-        self.layers = self._plan(cfg, ctx.model)
+        self.layers = self._plan(cfg, ctx.model, ctx.world_size)
         self._layer_of_param = {id(layer.param): layer for layer in self.layers}
         self._layer_of_bucket: dict[int, _Layer] = {}
         super().__init__(cfg, ctx)
@@ -80,14 +80,16 @@ class LGrecoWorker(DDPWorker):
         self.accum_count: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
 
-    def _plan(self, cfg: LGrecoConfig, model: torch.nn.Module) -> list[_Layer]:
+    def _plan(self, cfg: LGrecoConfig, model: torch.nn.Module, world: int) -> list[_Layer]:
         layers = []
         for name, p in model.named_parameters():
             if not p.requires_grad or p.numel() < cfg.min_numel or not applies(self.default_level, p.shape):
                 continue
             rate = p.numel() * 4 / compressor(self.default_level).payload_bytes(p.shape, torch.float32)
             if rate >= cfg.min_compression_rate:
-                ok = [c == self.default_level or applies(c, p.shape) for c in self.columns]
+                ok = [c == self.default_level or (applies(c, p.shape)
+                                                  and in_range(c, self.default_level, p.shape, world, cfg.level_range))
+                      for c in self.columns]
                 layers.append(_Layer(name, p, len(layers), ok))
         return layers
 

@@ -13,7 +13,7 @@ from raylane.strategies.ddp import DDPConfig
 from raylane.strategies.lgreco_levels import FAMILIES, QUANT_FORMATS, family, powersgd_level, topk_level
 from raylane.validation import ConfigError, check, one_of
 
-FAMILY_DEFAULT = {"powersgd": "powersgd:4", "topk": "topk:0.01", "quant": "int4", "mixed": "powersgd:4"}
+FAMILY_DEFAULT = {"powersgd": "powersgd:4", "topk": "topk:0.01", "quant": "int4", "mixed": "int4"}
 
 
 @dataclass
@@ -21,9 +21,11 @@ class LGrecoConfig(DDPConfig):
     name: str = "lgreco"
     family: str = "powersgd"  # powersgd | topk | quant | mixed (every family's candidates for every layer)
     powersgd_ranks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
-    topk_ratios: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1])
-    quant_formats: list[str] = field(default_factory=lambda: ["bf16", "int8", "int4", "fp4_e2m1", "sign"])
+    topk_ratios: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.005, 0.01, 0.02, 0.03, 0.1])
+    quant_formats: list[str] = field(default_factory=lambda: ["bf16", "int8", "int4", "fp4_e2m1"])
     default_level: Optional[str] = None  # the uniform level the error budget is measured by; null: per family
+    level_range: Optional[list[float]] = field(default_factory=lambda: [0.5, 2.0])  # [gamma, beta]: a layer's
+    # candidates send gamma x to beta x the default level's bytes on it (the paper's rank range); null: any
     adaptive: bool = True  # false: every compressible layer at default_level after warm-up (uniform)
     alpha: float = 1.0  # error budget: total error <= alpha x the default level's
     delta: float = 0.001  # error discretisation, as a fraction of the budget
@@ -37,6 +39,10 @@ class LGrecoConfig(DDPConfig):
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         one_of(f"{prefix}.family", self.family, FAMILIES)
+        if self.level_range is not None:
+            ok = len(self.level_range) == 2 and 0 < self.level_range[0] <= 1 <= self.level_range[1]
+            check(ok, f"{prefix}.level_range", self.level_range,
+                  "must be null or [gamma, beta], 0 < gamma <= 1 <= beta")
         check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
         check(0 < self.delta <= 0.5, f"{prefix}.delta", self.delta, "must be in (0, 0.5]")
         check(self.adjust_every >= 1, f"{prefix}.adjust_every", self.adjust_every, "must be >= 1")

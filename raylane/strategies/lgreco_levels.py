@@ -7,6 +7,8 @@ topk a compressed allgather, powersgd a PowerSGD allreduce (two allreduces of fp
 
 - `wire_bytes(level, shape, world)`: the payload bytes all ranks together send for one sync of a
   layer of that shape (the comm layer's formulas, which its Communicator counts with).
+- `in_range(level, default, shape, world, bounds)`: whether a level is a candidate for a layer, its
+  bytes within [gamma, beta] x the default level's (the paper's ranks r/2..2r around the default).
 - `errors(levels, acc)`: ||C(acc) - acc||_2 per level for one layer's accumulated gradient. PowerSGD's
   is the best rank-r error from the singular values (what warm-started power iteration tends to,
   the paper's "SVD" measure); top-k's the norm of what it drops; quantizers' the real round trip.
@@ -79,6 +81,17 @@ def applies(level: str, shape: torch.Size) -> bool:
     if family(level) == "powersgd" and len(shape) < 2:
         return False
     return level == "none" or wire_bytes(level, tuple(shape), 2) < wire_bytes("none", tuple(shape), 2)
+
+
+def in_range(level: str, default: str, shape: torch.Size, world: int, bounds: list[float] | None) -> bool:
+    """Whether `level` sends between bounds[0] and bounds[1] times the default level's bytes on a
+    layer of `shape` among `world` ranks (at least 2: one rank sends nothing), as the paper picks
+    ranks from gamma x to beta x the default rank; 1% slack for rounding (top-k's k). bounds None: any."""
+    if bounds is None:
+        return True
+    world = max(world, 2)
+    ratio = wire_bytes(level, tuple(shape), world) / wire_bytes(default, tuple(shape), world)
+    return bounds[0] * 0.99 <= ratio <= bounds[1] * 1.01
 
 
 @lru_cache(maxsize=4096)
