@@ -63,10 +63,10 @@ def test_demo_presets_with_a_hang_use_a_short_collective_timeout(preset):
 
 
 def preset_overrides(preset: str) -> list[str]:
-    """`faults=<preset>` plus the strategy its comment says it needs ("Needs strategy=robust.")."""
+    """`faults=<preset>` plus the overrides its comment says it needs ("Needs strategy=robust ...")."""
     text = (config.config_dir() / "faults" / f"{preset}.yaml").read_text()
-    needs = re.search(r"Needs (strategy=\w+)", text)
-    return [f"faults={preset}", *([needs.group(1)] if needs else [])]
+    needs = re.search(r"Needs ((?:[\w.]+=[\w.]*\w ?)+)", text)
+    return [f"faults={preset}", *(needs.group(1).split() if needs else [])]
 
 
 FAULT_PRESETS = sorted(p.stem for p in config.config_dir().joinpath("faults").glob("*.yaml"))
