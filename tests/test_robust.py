@@ -36,7 +36,7 @@ def _train_on_rank(comm, runs: list[list[str]]) -> list[dict]:
         w = TrainWorker(cfg, comm.rank)
         w.comm = comm
         ctx = WorkerContext(w.model, w.optimizer, comm, w._loss, cfg.optim.grad_clip, comm.rank, comm.world_size,
-                            cfg.seed)
+                            cfg.seed, data=w.data, batch=w.batch)
         w.strategy = RobustWorker(cfg.strategy, ctx)
         plan, metrics = FaultPlan(cfg.faults, cfg.seed), []
         for step in range(1, STEPS + 1):

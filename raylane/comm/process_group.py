@@ -39,16 +39,17 @@ def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
 
 def connect(store_host: str, store_port: int, generation: int, rank: int, world_size: int,
             backend: str = "gloo", timeout_s: float = 60.0, link: Link | None = None,
-            bind_host: str | None = None) -> Communicator:
+            bind_host: str | None = None, name: str | None = None) -> Communicator:
     """Join generation `generation` of the run's group as `rank` of `world_size`.
 
     `timeout_s` bounds every collective: a peer that hangs is caught by it. `bind_host`
     is the address this process's Gloo transport listens on (default: the store host,
-    which keeps a one-machine run on loopback).
+    which keeps a one-machine run on loopback). `name` joins a named subgroup instead of the
+    world group: its members use the store prefix `gen<generation>/<name>` and their own ranks.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
-    prefixed = dist.PrefixStore(f"gen{generation}", store)
+    prefixed = dist.PrefixStore(f"gen{generation}" + (f"/{name}" if name else ""), store)
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout

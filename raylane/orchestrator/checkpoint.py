@@ -1,7 +1,8 @@
 """Atomic, checksummed checkpoints, and finding the newest good one.
 
 Layout: `<run.dir>/checkpoints/step_<k>/` holding one torch file per part
-(`driver.pt`, `replica.pt` or `replica_<r>.pt`, `local_<r>.pt`) and `meta.json`
+(`driver.pt`, one `<state key>.pt` per key of the strategy's layout, e.g. `replica.pt` or
+`replica_<r>.pt`, and `local_<r>.pt`) and `meta.json`
 (step, resolved config, sha256 of every part). A checkpoint is written into a hidden
 temporary folder, flushed, then renamed into place: a crash leaves either the whole
 checkpoint or none. Re-saving a step that exists first renames the old folder aside

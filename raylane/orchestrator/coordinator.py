@@ -29,6 +29,7 @@ from raylane.orchestrator.recovery import Recovery
 from raylane.orchestrator.rundir import prepare_run_dir
 from raylane.orchestrator.summary import Summary, fault_section
 from raylane.orchestrator.worker_group import WorkerFailure, WorkerGroup
+from raylane.strategies.base import Layout
 from raylane.workers.optim import lr_at
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class Coordinator:
         return path.read_text().strip()
 
     # -- training ---------------------------------------------------------------------
+    def layout(self) -> Layout:
+        """What each rank of the current world holds (the strategy's layout)."""
+        return self.spec.worker_cls.layout(self.cfg.strategy, self.group.world_size)
+
     @property
     def global_batch(self) -> int:
         return self.group.world_size * self.cfg.data.batch_size
@@ -210,6 +215,8 @@ class Coordinator:
                    "comm/bytes_sent_per_worker": sent / n, "comm/bytes_total": self.summary.bytes_sent_total,
                    "comm/wait_s": max(r.get("comm_wait_s", 0.0) for r in results),
                    **{f"comm/bytes_sent/rank{r['rank']}": r["bytes_sent"] for r in results},
+                   **{f"comm/{name}/bytes_sent": sum(r.get("group_bytes_sent", {}).get(name, 0) for r in results)
+                      for name in sorted({n for r in results for n in r.get("group_bytes_sent", {})})},
                    **{k: v for r in results[:1] for k, v in r.items() if "/" in k}}
         self.metrics.log(step, metrics, advance=1)
         if self.cfg.faults.detect_outliers:
@@ -236,18 +243,20 @@ class Coordinator:
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        identical = self.spec.worker_cls.replicas_identical
+        """One part per state key of the layout (from the first rank that holds it), one `local_<r>`
+        per rank, and the driver's state."""
+        keys = self.layout().state_keys
+        first = {key: ranks[0] for key, ranks in self.layout().holders().items()}
         self.summary.wall_s = self.metrics.elapsed_s()
-        states = ray.get([a.state_dict.remote(replica=(r == 0 or not identical))
+        states = ray.get([a.state_dict.remote(replica=(first[keys[r]] == r))
                           for r, a in enumerate(self.group.actors)], timeout=self.cfg.cluster.round_timeout_s)
         parts: dict[str, Any] = {"driver": {"strategy": self.driver.state_dict(), "step": self.step,
                                             "samples": self.samples, "summary": self.summary.state_dict()}}
         for r, s in enumerate(states):
             if s["replica"] is not None:
-                parts["replica" if identical else f"replica_{r}"] = s["replica"]
+                parts[keys[r]] = s["replica"]
             parts[f"local_{r}"] = s["local"]
-        meta = {"config": self.cfg.to_dict(), "world_size": self.group.world_size,
-                "replicas_identical": identical}
+        meta = {"config": self.cfg.to_dict(), "world_size": self.group.world_size, "state_keys": list(keys)}
         path = checkpoint.save(self.run_dir / "checkpoints", self.step, parts, meta, self.cfg.checkpoint.keep)
         self.metrics.event(self.step, "checkpoint", path=str(path))
         self.checkpoint_step = self.step
@@ -269,14 +278,16 @@ class Coordinator:
         if hasattr(self, "metrics"):  # back to a checkpoint mid-run: its later rows are superseded
             redone = self.metrics.rewind(self.step)
             self.metrics.event(self.step, "rewound", to_step=self.step, steps_redone=redone)
-        shared = ray.put(checkpoint.load_part(path, "replica")) if meta["replicas_identical"] else None
+        saved = saved_state_keys(meta)
+        loaded: dict[str, Any] = {}  # part name -> object ref, each part read once
         refs = []
-        for r, actor in enumerate(self.group.actors):
-            replica = shared
-            if replica is None:
-                replica = checkpoint.load_part(path, f"replica_{min(r, meta['world_size'] - 1)}")
+        for r, (actor, key) in enumerate(zip(self.group.actors, self.layout().state_keys)):
+            if f"{key}.pt" not in meta["files"]:  # a world of another size saved it: the nearest rank's
+                key = saved[min(r, len(saved) - 1)]
+            if key not in loaded:
+                loaded[key] = ray.put(checkpoint.load_part(path, key))
             local = checkpoint.load_part(path, f"local_{r}") if f"local_{r}.pt" in meta["files"] else None
-            refs.append(actor.load_state_dict.remote(replica, local))
+            refs.append(actor.load_state_dict.remote(loaded[key], local))
             refs.append(actor.set_step.remote(self.step))
         ray.get(refs, timeout=self.cfg.cluster.round_timeout_s)
         log.info("restored %s at step %d", path, self.step)
@@ -288,6 +299,14 @@ class Coordinator:
         if hasattr(self, "recovery"):
             self.recovery.abandon()
         self.group.shutdown()
+
+
+def saved_state_keys(meta: dict[str, Any]) -> list[str]:
+    """The state key of each rank that saved a checkpoint (older checkpoints: from the one bit)."""
+    if "state_keys" in meta:
+        return list(meta["state_keys"])
+    n = meta["world_size"]
+    return ["replica"] * n if meta["replicas_identical"] else [f"replica_{r}" for r in range(n)]
 
 
 def run(cfg: Any, loopback: bool = True) -> Summary:

@@ -6,9 +6,13 @@
    is dropped (elastic shrink, if `cluster.min_workers` allows) and kept pending to grow
    back when capacity returns (`maybe_grow`, at a step boundary);
 3. form a new process-group generation in the living processes;
-4. state: from the live peer that applied the most steps (strategies whose replicas are
-   identical), else from the newest valid checkpoint; the coordinator rolls back to that
-   step, so the failed step is run again and no update is applied twice or lost.
+4. state: the strategy's layout says which state key each rank holds; when every key has a
+   live holder at one common step (`peer_plan`), the ranks that need it copy it from that
+   holder; else every rank restores the newest valid checkpoint. The coordinator rolls back to
+   that step, so the failed step is run again and no update is applied twice or lost.
+   A strategy whose failed step may leave a rank's state half-updated
+   (`failed_step_keeps_state = False`, e.g. DiLoCo's local inner steps) always restores the
+   checkpoint; one whose layout is not elastic never shrinks.
 Every fault and recovery is an event in metrics.jsonl and a `faults/` metric.
 """
 
@@ -19,6 +23,8 @@ import time
 from typing import Any
 
 import ray
+
+from raylane.strategies.base import Layout
 
 from raylane.orchestrator.worker_group import WorkerFailure
 
@@ -50,6 +56,10 @@ class Recovery:
                 addresses.append(ray.get(refs[r]))
             else:
                 self.pending.append((fresh[r], refs[r]))
+        if len(actors) < group.world_size and not self.coord.layout().elastic:
+            raise RecoveryError(f"only {len(actors)} of {group.world_size} workers after a fault, and strategy "
+                                f"{self.coord.cfg.strategy.name!r} cannot continue with fewer: add capacity "
+                                f"or raise cluster.replace_timeout_s")
         if len(actors) < c.floor:
             raise RecoveryError(f"only {len(actors)} workers after a fault; cluster.min_workers={c.floor}: "
                                 f"lower it to continue with fewer, or add capacity")
@@ -58,17 +68,20 @@ class Recovery:
     def _sync_state(self, steps: dict[int, int]) -> str:
         """Bring every member to the most advanced live state; returns where it came from."""
         coord, group = self.coord, self.coord.group
-        if steps and coord.spec.worker_cls.replicas_identical:
-            src = max(steps, key=lambda r: (steps[r], -r))
-            src_step = steps[src]
-            replica = ray.put(ray.get(group.actors[src].state_dict.remote(replica=True))["replica"])
+        plan = peer_plan(coord.layout(), steps) if coord.spec.worker_cls.failed_step_keeps_state else None
+        if plan is not None:
+            src_step, sources = plan
+            timeout = coord.cfg.cluster.round_timeout_s
+            states = {src: ray.put(ray.get(group.actors[src].state_dict.remote(replica=True),
+                                           timeout=timeout)["replica"])
+                      for src in sorted(set(sources.values()))}
             refs = []
-            for r, actor in enumerate(group.actors):
-                if steps.get(r) != src_step:
-                    refs += [actor.load_state_dict.remote(replica), actor.set_step.remote(src_step)]
-            ray.get(refs, timeout=coord.cfg.cluster.round_timeout_s)
+            for r, src in sources.items():
+                refs += [group.actors[r].load_state_dict.remote(states[src]), group.actors[r].set_step.remote(src_step)]
+            ray.get(refs, timeout=timeout)
             coord.step = src_step
-            return f"peer (rank {src})"
+            return f"peer (rank {min(sources.values())})" if len(states) == 1 else \
+                f"peers (ranks {', '.join(map(str, sorted(states)))})" if states else "live state"
         if coord.restore_checkpoint():
             return "checkpoint"
         raise RecoveryError("no live peer holds the state and there is no checkpoint to recover from")
@@ -106,7 +119,7 @@ class Recovery:
 
     def maybe_grow(self, step: int) -> None:
         """Grow back: pending replacements that came up join at this step boundary."""
-        if not self.pending or not self.coord.spec.worker_cls.replicas_identical:
+        if not self.pending or not self.coord.spec.worker_cls.failed_step_keeps_state:
             return
         ready_refs = {ref for ref in ray.wait([r for _, r in self.pending], num_returns=len(self.pending),
                                               timeout=0)[0]}
@@ -117,6 +130,9 @@ class Recovery:
         t0 = time.monotonic()
         self.pending = [p for p in self.pending if p[1] not in ready_refs]
         joining = joining[:coord.cfg.cluster.num_workers - group.world_size]
+        grown = coord.spec.worker_cls.layout(coord.cfg.strategy, group.world_size + len(joining))
+        if peer_plan(grown, {r: coord.step for r in range(group.world_size)}) is None:
+            return  # a joining rank would hold state that no live rank has (e.g. its own replica)
         group.set_members(group.actors + [a for a, _ in joining],
                           group.addresses + [ray.get(ref) for _, ref in joining])
         group.form_group()
@@ -135,3 +151,19 @@ class Recovery:
         for actor, _ in self.pending:
             ray.kill(actor, no_restart=True)
         self.pending = []
+
+
+def peer_plan(layout: Layout, steps: dict[int, int]) -> tuple[int, dict[int, int]] | None:
+    """(step, {rank: source rank}) that brings every rank of `layout` to one step by copying from
+    live holders of its state key, or None when some key has no live holder at a common step.
+    `steps`: {live rank: last applied step}. The most advanced common step wins; the lowest
+    holder is the source; ranks already at that step are not copied."""
+    keys = layout.state_keys
+    for step in sorted(set(steps.values()), reverse=True):
+        source: dict[str, int] = {}
+        for r in sorted(steps):
+            if steps[r] == step and r < len(keys):
+                source.setdefault(keys[r], r)
+        if all(key in source for key in keys):
+            return step, {r: source[key] for r, key in enumerate(keys) if steps.get(r) != step}
+    return None

@@ -13,14 +13,19 @@ Both halves have `state_dict()` / `load_state_dict()`; what they hold goes into
 checkpoints. A strategy registers itself by name with `register(...)`; a duplicate
 name raises. The coordinator looks strategies up by the name the config gives.
 
-Call order on a worker: `__init__` → (`load_state_dict`) → `train_step`* ; after the
-process group is re-formed, `set_comm(new_comm)`.
+Call order on a worker: `__init__` → (`load_state_dict`) → (`make_batch` → `train_step`)* ;
+after the process groups are re-formed, `set_comm(new_comm)` (with `ctx.comms` already replaced).
+
+What a rank holds is the strategy's `layout(cfg, world_size)`: the key of its state (ranks with
+equal keys hold identical state: checkpoints keep one copy per key, recovery copies from a live
+rank with the same key), the model part it builds, and the named groups it joins. The
+coordinator reads the layout; it never asks which strategy runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
@@ -29,9 +34,64 @@ from raylane.comm import Communicator
 from raylane.validation import ConfigError
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What each rank of a world of `len(state_keys)` ranks holds and joins.
+
+    `state_keys[r]`: the key of rank r's state (equal keys = identical state). `parts[r]`: the
+    model part rank r builds (None: the whole model; plain data). `groups`: name -> disjoint
+    tuples of ranks; a rank joins the tuple that holds it as the named Communicator `ctx.comms[name]`.
+    `elastic=False`: the world may not shrink after a fault (a lost rank must be replaced).
+    """
+
+    state_keys: tuple[str, ...]
+    parts: tuple[Any, ...]
+    groups: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    elastic: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.state_keys)
+        assert len(self.parts) == n, (len(self.parts), n)
+        for name, tuples in self.groups.items():
+            members = [r for t in tuples for r in t]
+            assert len(members) == len(set(members)) and all(0 <= r < n for r in members), (name, tuples)
+
+    def group_of(self, name: str, rank: int) -> tuple[int, tuple[int, ...]] | None:
+        """(index, ranks) of the tuple of group `name` that holds `rank`; None if none does."""
+        for i, ranks in enumerate(self.groups.get(name, ())):
+            if rank in ranks:
+                return i, ranks
+        return None
+
+    def holders(self) -> dict[str, list[int]]:
+        """state key -> the ranks that hold it, in rank order."""
+        out: dict[str, list[int]] = {}
+        for r, key in enumerate(self.state_keys):
+            out.setdefault(key, []).append(r)
+        return out
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where the run's store is, for a strategy that forms a torch.distributed group of its own
+    (e.g. DeepSpeed needs the default group): use the prefix `gen<generation>/<name>`."""
+
+    host: str
+    port: int
+    generation: int
+    backend: str
+    timeout_s: float
+    bind_host: str | None = None
+
+
 @dataclass
 class WorkerContext:
-    """What a worker half may use. `loss(batch)` runs the forward pass and returns the loss."""
+    """What a worker half may use. `loss(batch)` runs the forward pass and returns the loss.
+
+    `comms`: this rank's named groups (`Layout.groups`), each with its own rank and size.
+    `part`: the model part this rank built. `data`: the worker's dataset. `batch(offset)`: the
+    worker's own slice of the global batch that starts at `offset`.
+    """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -41,6 +101,11 @@ class WorkerContext:
     rank: int
     world_size: int
     seed: int
+    comms: dict[str, Communicator] = field(default_factory=dict)
+    part: Any = None
+    data: Any = None
+    batch: Callable[[int], Any] | None = None
+    store: StoreAddress | None = None
 
 
 class WorkerStrategy:
@@ -49,11 +114,33 @@ class WorkerStrategy:
     # True when every replica holds the same parameters and state after each step (ddp):
     # checkpoints then keep one copy, and a new worker can copy any live peer.
     replicas_identical: ClassVar[bool] = True
+    # True when a step that failed on a rank leaves that rank's state as of its last applied step
+    # (the update is applied only after every collective returned): recovery may then copy state
+    # from live peers. False (DiLoCo's inner steps are local): recovery restores a checkpoint.
+    failed_step_keeps_state: ClassVar[bool] = True
     # The worker methods whose success means this worker applied the step's update.
     update_methods: ClassVar[tuple[str, ...]] = ("train_step",)
 
     def __init__(self, cfg: Any, ctx: WorkerContext):
         self.cfg, self.ctx = cfg, ctx
+
+    @classmethod
+    def layout(cls, cfg: Any, world_size: int) -> Layout:
+        """What each rank holds (default: one replica key, or one per rank when replicas differ;
+        the whole model everywhere; no named groups)."""
+        keys = ("replica",) * world_size if cls.replicas_identical else \
+            tuple(f"replica_{r}" for r in range(world_size))
+        return Layout(keys, (None,) * world_size)
+
+    def make_batch(self, sample_offset: int) -> Any:
+        """What `train_step` gets for the step whose global batch starts at `sample_offset`."""
+        return self.ctx.batch(sample_offset)
+
+    def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]] | None:
+        """None: the worker evaluates with its own loop over eval batches. A strategy that evaluates
+        otherwise (through a pipeline) returns the worker's shape: {view: (loss sum, count),
+        f"{view}/accuracy": (correct, samples)} for each eval view; every rank is called."""
+        return None
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__}.train_step")

@@ -95,6 +95,7 @@ class DiLoCoConfig:
 
 class DiLoCoWorker(WorkerStrategy):
     replicas_identical = False
+    failed_step_keeps_state = False  # inner steps are local: a failed outer sync leaves them applied
     eval_views = ("global", "replica_avg")
 
     def __init__(self, cfg: DiLoCoConfig, ctx: WorkerContext):

@@ -19,7 +19,7 @@ import torch
 from raylane.comm import Link, connect
 from raylane.strategies import get as get_strategy
 from raylane.workers import chaos
-from raylane.strategies.base import WorkerContext
+from raylane.strategies.base import StoreAddress, WorkerContext
 from raylane.workers.data import GlobalSampler, build_dataset
 from raylane.workers.models import build_model, loss_fn
 from raylane.workers.optim import build_optimizer
@@ -32,11 +32,16 @@ class TrainWorker:
         self.device = torch.device("cuda", 0) if cfg.cluster.gpus_per_worker > 0 else torch.device("cpu")
         self.data = build_dataset(cfg.data, cfg.seed)
         self.sampler = GlobalSampler(self.data.num_train, cfg.seed)
+        self.spec = get_strategy(cfg.strategy.name)
+        # a replacement starts at the rank it replaces, in a world of cluster.num_workers
+        self.part = self.spec.worker_cls.layout(cfg.strategy, cfg.cluster.num_workers).parts[rank]
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.input_dim,
-                                 cfg.data.seq_len, cfg.seed).to(self.device)
+                                 cfg.data.seq_len, cfg.seed, part=self.part).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.strategy = None
         self.comm = None
+        self.comms: dict[str, Any] = {}  # the named groups of the strategy's layout
+        self._group_counted: dict[str, int] = {}  # per named group: bytes sent already reported
         self.step = 0  # the last step whose update this worker applied
         self._counted = (0, 0)  # (sent, recv) already reported in step metrics or spent on evaluation
         self._offset = 0  # the current step's first global sample (train_step sets it)
@@ -51,21 +56,36 @@ class TrainWorker:
 
     def connect(self, store_host: str, store_port: int, generation: int, rank: int, world_size: int,
                 backend: str, timeout_s: float, link: Link | None = None, bind_host: str | None = None) -> int:
-        """Join group generation `generation` as `rank`; returns the rank."""
-        if self.comm is not None and self.comm.pg is not None:
-            self.comm.abort()
-        self.rank, self._counted = rank, (0, 0)
+        """Join group generation `generation` as `rank`, and the named groups the strategy's layout
+        puts this rank in; returns the rank."""
+        self._abort_comms()
+        self.rank, self._counted, self._group_counted = rank, (0, 0), {}
         self.comm = connect(store_host, store_port, generation, rank, world_size, backend, timeout_s, link,
                             bind_host)
+        self.comms = {}
+        layout = self.spec.worker_cls.layout(self.cfg.strategy, world_size)
+        for name in layout.groups:
+            found = layout.group_of(name, rank)
+            if found is not None:
+                index, ranks = found
+                self.comms[name] = connect(store_host, store_port, generation, ranks.index(rank), len(ranks),
+                                           backend, timeout_s, link, bind_host, name=f"{name}/{index}")
+        store = StoreAddress(store_host, store_port, generation, backend, timeout_s, bind_host)
         if self.strategy is None:
-            spec = get_strategy(self.cfg.strategy.name)
             ctx = WorkerContext(self.model, self.optimizer, self.comm, self._loss, self.cfg.optim.grad_clip,
-                                rank, world_size, self.cfg.seed)
-            self.strategy = spec.worker_cls(self.cfg.strategy, ctx)
+                                rank, world_size, self.cfg.seed, comms=self.comms, part=self.part,
+                                data=self.data, batch=self.batch, store=store)
+            self.strategy = self.spec.worker_cls(self.cfg.strategy, ctx)
         else:
-            self.strategy.ctx.rank, self.strategy.ctx.world_size = rank, world_size
+            ctx = self.strategy.ctx
+            ctx.rank, ctx.world_size, ctx.comms, ctx.store = rank, world_size, self.comms, store
             self.strategy.set_comm(self.comm)
         return rank
+
+    def _abort_comms(self) -> None:
+        for comm in [self.comm, *self.comms.values()]:
+            if comm is not None and comm.pg is not None:
+                comm.abort()
 
     def run(self, directive: chaos.Directive | None, step: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """Apply this step's fault directive (if any), then run `method` (ours or the strategy's).
@@ -79,7 +99,7 @@ class TrainWorker:
             target = self if hasattr(type(self), method) else self.strategy
             result = getattr(target, method)(*args, **kwargs)
         except Exception:
-            self.comm.abort()  # our peers blocked on us fail now, not at their collective timeout
+            self._abort_comms()  # our peers blocked on us fail now, not at their collective timeout
             raise
         finally:
             chaos.clear(self.comm)
@@ -107,12 +127,14 @@ class TrainWorker:
         self._offset = sample_offset
         wait_before = self.comm.stats.wait_s
         self.model.train()
-        batch = self.batch(sample_offset)
+        batch = self.strategy.make_batch(sample_offset)
         metrics = self.strategy.train_step(batch, lr)
         sent, recv = self._bytes_since_last_report()
-        metrics.update(rank=self.rank, samples=len(batch[1]), tokens=batch[1].numel(),
-                       step_time_s=time.perf_counter() - t0,
-                       comm_wait_s=self.comm.stats.wait_s - wait_before, bytes_sent=sent, bytes_recv=recv)
+        if "samples" not in metrics:
+            metrics.update(samples=len(batch[1]), tokens=batch[1].numel())
+        metrics.update(rank=self.rank, step_time_s=time.perf_counter() - t0,
+                       comm_wait_s=self.comm.stats.wait_s - wait_before, bytes_sent=sent, bytes_recv=recv,
+                       group_bytes_sent=self._group_bytes())
         return metrics
 
     def gradients_of(self, ranks: list[int], flip_labels: bool = False) -> torch.Tensor:
@@ -133,10 +155,25 @@ class TrainWorker:
     def _bytes_since_last_report(self) -> tuple[int, int]:
         """Training bytes since the last step's report: also what async collectives issued
         between steps, never what evaluation spent."""
-        total = self.comm.stats.total()
-        sent, recv = total.bytes_sent - self._counted[0], total.bytes_recv - self._counted[1]
-        self._counted = (total.bytes_sent, total.bytes_recv)
+        totals = [c.stats.total() for c in [self.comm, *self.comms.values()]]
+        sent_all, recv_all = sum(t.bytes_sent for t in totals), sum(t.bytes_recv for t in totals)
+        sent, recv = sent_all - self._counted[0], recv_all - self._counted[1]
+        self._counted = (sent_all, recv_all)
         return sent, recv
+
+    def _group_bytes(self) -> dict[str, int]:
+        """Training bytes sent per named group since the last step's report."""
+        out = {}
+        for name, comm in self.comms.items():
+            total = comm.stats.total().bytes_sent
+            out[name], self._group_counted[name] = total - self._group_counted.get(name, 0), total
+        return out
+
+    def _skip_group_bytes(self, before: dict[str, int]) -> None:
+        """Bytes the named groups sent since `before` (evaluation's) are not training traffic."""
+        for name, comm in self.comms.items():
+            spent = comm.stats.total().bytes_sent - before.get(name, 0)
+            self._group_counted[name] = self._group_counted.get(name, 0) + spent
 
     @torch.no_grad()
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
@@ -144,6 +181,17 @@ class TrainWorker:
         classification dataset also `<view>/accuracy`: (correct predictions, samples)."""
         self.model.eval()
         pending = self._bytes_since_last_report()  # training bytes, kept for the next step's report
+        groups_before = {name: c.stats.total().bytes_sent for name, c in self.comms.items()}
+        out = self._evaluate_views(num_shards)
+        self._bytes_since_last_report()  # evaluation's own bytes are not training traffic
+        self._counted = (self._counted[0] - pending[0], self._counted[1] - pending[1])
+        self._skip_group_bytes(groups_before)
+        return out
+
+    def _evaluate_views(self, num_shards: int) -> dict[str, tuple[float, int]]:
+        out = self.strategy.evaluate(num_shards)
+        if out is not None:
+            return out
         out = {}
         classification = getattr(self.data, "classification", False)
         for view in self.strategy.eval_views:
@@ -159,8 +207,6 @@ class TrainWorker:
             out[view] = (total, count)
             if classification:
                 out[f"{view}/accuracy"] = (correct, samples)
-        self._bytes_since_last_report()  # evaluation's own bytes are not training traffic
-        self._counted = (self._counted[0] - pending[0], self._counted[1] - pending[1])
         return out
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

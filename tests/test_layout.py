@@ -1,0 +1,107 @@
+"""The strategy layout: what each rank holds (state keys), the named groups it joins, and how
+recovery plans copies from live peers. No Ray: TrainWorkers as plain objects in threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from raylane import strategies
+from raylane.comm import host_store
+from raylane.orchestrator.coordinator import saved_state_keys
+from raylane.orchestrator.recovery import peer_plan
+from raylane.strategies.base import Layout, WorkerStrategy, register
+from raylane.workers.worker import TrainWorker
+from tests.conftest import small_cfg
+
+
+class PairsWorker(WorkerStrategy):
+    """Plain SGD on the world's averaged gradient, plus one sum inside each pair of ranks."""
+
+    @classmethod
+    def layout(cls, cfg: Any, world_size: int) -> Layout:
+        pairs = tuple(tuple(range(i, min(i + 2, world_size))) for i in range(0, world_size, 2))
+        return Layout(("replica",) * world_size, (None,) * world_size, {"pair": pairs})
+
+    def train_step(self, batch, lr: float) -> dict[str, Any]:
+        loss = self.ctx.loss(batch)
+        loss.backward()
+        mine = torch.tensor([float(self.ctx.rank)])
+        pair = self.ctx.comms["pair"]
+        pair.allreduce(mine)
+        return {"loss": loss.item(), "pair_sum": mine.item(), "pair_rank": pair.rank, "pair_size": pair.world_size}
+
+    def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
+        one = torch.ones(1)
+        self.ctx.comms["pair"].allreduce(one)  # evaluation's bytes are not training traffic
+        return {"model": (float(one.item()), 1)}
+
+
+register("_test_pairs", strategies.get("ddp").config_cls, PairsWorker)
+
+
+def test_default_layout_keeps_the_replica_bit():
+    ddp = strategies.get("ddp").worker_cls.layout(None, 3)
+    diloco = strategies.get("diloco").worker_cls.layout(None, 3)
+    assert ddp.state_keys == ("replica",) * 3 and ddp.parts == (None,) * 3 and ddp.groups == {}
+    assert diloco.state_keys == ("replica_0", "replica_1", "replica_2")
+    assert saved_state_keys({"world_size": 2, "replicas_identical": False}) == ["replica_0", "replica_1"]
+    assert saved_state_keys({"world_size": 2, "state_keys": ["s0", "s1"]}) == ["s0", "s1"]
+
+
+def test_layout_rejects_overlapping_groups():
+    with pytest.raises(AssertionError):
+        Layout(("a", "a"), (None, None), {"g": ((0, 1), (1,))})
+
+
+def test_peer_plan_copies_from_the_lowest_live_holder_at_the_newest_common_step():
+    same = Layout(("r",) * 4, (None,) * 4)
+    assert peer_plan(same, {0: 5, 2: 6, 3: 6}) == (6, {0: 2, 1: 2})
+    stages = Layout(("s0", "s0", "s1", "s1"), (None,) * 4)  # two stages, two ways each (a hybrid)
+    assert peer_plan(stages, {0: 7, 2: 7, 3: 7}) == (7, {1: 0})
+    assert peer_plan(stages, {0: 7, 1: 7}) is None  # stage 1 has no live holder
+    # stage 0's only holder at step 7 is gone: the newest step every key has is 6
+    assert peer_plan(stages, {1: 6, 2: 7, 3: 6}) == (6, {0: 1, 2: 3})
+    assert peer_plan(Layout(("a", "b"), (None, None)), {}) is None
+
+
+def _run_workers(cfg, world: int, fn) -> list:
+    store = host_store("127.0.0.1", 30)
+    workers = [TrainWorker(cfg, r) for r in range(world)]
+    out, errors = [None] * world, []
+
+    def body(r: int) -> None:
+        try:
+            workers[r].connect("127.0.0.1", store.port, 0, r, world, "gloo", 30.0)
+            out[r] = fn(workers[r])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return out
+
+
+def test_named_groups_are_formed_counted_and_kept_apart_from_evaluation(tmp_path):
+    cfg = small_cfg(tmp_path, "strategy=ddp")
+    cfg.strategy.name = "_test_pairs"
+
+    def body(worker):
+        first = worker.train_step(0, 0.1)
+        ev = worker.evaluate(4)
+        second = worker.train_step(0, 0.1)
+        return first, ev, second
+    results = _run_workers(cfg, 4, body)
+    for r, (first, ev, second) in enumerate(results):
+        pair = (0, 1) if r < 2 else (2, 3)
+        assert (first["pair_sum"], first["pair_rank"], first["pair_size"]) == (sum(pair), pair.index(r), 2)
+        assert ev["model"] == (2.0, 1)
+        # 4 bytes each way in a pair of Gloo ranks; evaluation's allreduce is not in the next step
+        assert first["group_bytes_sent"] == {"pair": 4} and second["group_bytes_sent"] == {"pair": 4}
+        assert first["bytes_sent"] == second["bytes_sent"] == 4  # the world group sent nothing
