@@ -10,7 +10,7 @@ from raylane.comm import Link
 from raylane.comm.wire import Traffic
 from raylane.orchestrator.faults import FaultEvent, FaultPlan, FaultsConfig
 from raylane.workers.chaos import Directive, corruption
-from raylane.workers.stragglers import StragglerModel
+from raylane.stragglers import StragglerModel
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ from benchmarks.straggler_sim import round_end, trace_only
 from raylane.strategies.codes import make_code
 from raylane.strategies.sgc import BurstyModel, GCSchedule, SRSGCSchedule
 from raylane.validation import ConfigError
-from raylane.workers.stragglers import StragglerModel, load_trace
+from raylane.stragglers import StragglerModel, load_trace
 
 TRACE = "/work/shared/data/stragglers/lambda-canada-w256-load0000.csv"
 needs_trace = pytest.mark.skipif(not os.path.exists(TRACE), reason="shared straggler traces not present")

@@ -29,7 +29,7 @@ from pathlib import Path
 from raylane.comm import Link
 from raylane.validation import check, one_of
 from raylane.workers.chaos import BYZANTINE_MODES, Directive
-from raylane.workers.stragglers import StragglerModel
+from raylane.stragglers import StragglerModel
 
 KINDS = ("crash", "kill", "node_loss", "hang", "straggler", "byzantine", "network", "driver_crash")
 ONE_SHOT = ("crash", "kill", "node_loss", "hang", "driver_crash")

@@ -105,6 +105,8 @@ class WorkerContext:
     part: Any = None
     data: Any = None
     batch: Callable[[int], Any] | None = None
+    samples: Callable[[int, int], Any] | None = None  # samples(start, count): global samples [start, start + count)
+    batch_size: int = 0  # samples per rank per step (data.batch_size)
     store: StoreAddress | None = None
 
 

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -56,7 +56,7 @@ from raylane.strategies.ddp import clip_and_step
 from raylane.strategies.sgc import (BurstyModel, GCSchedule, MSGCSchedule, Part, Schedule, SRSGCSchedule, Task,
                                     sr_sgc_s)
 from raylane.validation import check, one_of
-from raylane.workers.stragglers import StragglerModel
+from raylane.stragglers import StragglerModel
 
 log = logging.getLogger(__name__)
 
@@ -140,28 +140,6 @@ def build_schedule(cfg: GradientCodingConfig, n: int) -> Schedule:
 
 
 # -- worker half ---------------------------------------------------------------------------
-def _global_samples(ctx: WorkerContext) -> tuple[Callable[[int, int], Any], int]:
-    """(fetch(start, count) -> the batch of global samples [start, start + count), samples per rank).
-
-    Reached through the TrainWorker that `ctx.loss` is bound to, until WorkerContext offers it."""
-    worker = getattr(ctx.loss, "__self__", None)
-    if worker is None or not hasattr(worker, "sampler"):
-        raise TypeError("gradient_coding needs a WorkerContext whose loss is bound to a TrainWorker")
-    sampler = worker.sampler
-
-    def fetch(start: int, count: int) -> Any:
-        # GlobalSampler.indices, vectorized (its per-sample loop costs ~20 us a sample)
-        g = torch.arange(start, start + count)
-        epoch, pos = g // sampler.num_train, g % sampler.num_train
-        idx = torch.empty(count, dtype=torch.long)
-        for e in torch.unique(epoch).tolist():
-            mask = epoch == e
-            idx[mask] = sampler._permutation(e)[pos[mask]]
-        return worker.data.train_batch(idx)
-
-    return fetch, worker.cfg.data.batch_size
-
-
 def _cancelled() -> bool:
     """Whether the driver cancelled the Ray task running this call (False outside Ray)."""
     if not ray.is_initialized():
@@ -194,7 +172,7 @@ class CodedWorker(WorkerStrategy):
 
     def __init__(self, cfg: GradientCodingConfig, ctx: WorkerContext):
         super().__init__(cfg, ctx)
-        self.fetch, self.batch_size = _global_samples(ctx)
+        self.fetch, self.batch_size = ctx.samples, ctx.batch_size
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
         self.streams = [_Stream([p.detach().clone() for p in self.params], self._new_optimizer())
                         for _ in range(cfg.num_streams() - 1)]

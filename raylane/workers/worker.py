@@ -74,7 +74,8 @@ class TrainWorker:
         if self.strategy is None:
             ctx = WorkerContext(self.model, self.optimizer, self.comm, self._loss, self.cfg.optim.grad_clip,
                                 rank, world_size, self.cfg.seed, comms=self.comms, part=self.part,
-                                data=self.data, batch=self.batch, store=store)
+                                data=self.data, batch=self.batch, samples=self.samples,
+                                batch_size=self.cfg.data.batch_size, store=store)
             self.strategy = self.spec.worker_cls(self.cfg.strategy, ctx)
         else:
             ctx = self.strategy.ctx
@@ -121,6 +122,10 @@ class TrainWorker:
         """This rank's slice of the global batch that starts at `sample_offset`."""
         bs = self.cfg.data.batch_size
         return self.data.train_batch(self.sampler.indices(sample_offset + self.rank * bs, bs))
+
+    def samples(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global samples [start, start + count) of the training data."""
+        return self.data.train_batch(self.sampler.indices(start, count))
 
     def train_step(self, sample_offset: int, lr: float) -> dict[str, float]:
         t0 = time.perf_counter()
