@@ -35,12 +35,16 @@ def _run(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return glob, local
 
 
-def test_diloco_recovers_a_crash_from_its_checkpoint_with_the_parameters_of_a_fault_free_run(ray_cluster,
-                                                                                             tmp_path):
+@pytest.fixture(scope="module")
+def fault_free(ray_cluster, tmp_path_factory):
+    return _run(small_cfg(tmp_path_factory.mktemp("ff"), *COMMON, "run.name=fault-free"))
+
+
+def test_diloco_recovers_a_crash_from_its_checkpoint_with_the_parameters_of_a_fault_free_run(fault_free, tmp_path):
     crashed = small_cfg(tmp_path, *COMMON, "run.name=crashed", "+faults.events=[{kind: crash, rank: 1, step: 8, "
                                                                                 "mode: exit}]")
     glob, local = _run(crashed)
-    ff_glob, ff_local = _run(small_cfg(tmp_path, *COMMON, "run.name=fault-free"))
+    ff_glob, ff_local = fault_free
     for a, b in zip(glob + local, ff_glob + ff_local):
         assert torch.equal(a, b)
     assert not torch.equal(local[0], local[1]), "replicas should differ (merge_alpha=0.5)"
@@ -53,3 +57,15 @@ def test_diloco_recovers_a_crash_from_its_checkpoint_with_the_parameters_of_a_fa
     for r in range(2):
         outer = checkpoint.load_part(path, f"replica_{r}")["strategy"]["outer"]
         assert outer["in_flight"] == [], "the driver's finish merges the step-10 sync before the checkpoint"
+
+
+def test_diloco_recovers_a_crash_before_its_first_checkpoint_from_the_step_0_one(fault_free, tmp_path):
+    """Replicas differ, so no live peer can seed the lost one: the run saved step 0 before training."""
+    crashed = small_cfg(tmp_path, *COMMON, "run.name=early", "+faults.events=[{kind: crash, rank: 0, step: 3, "
+                                                                              "mode: exit}]")
+    glob, local = _run(crashed)
+    for a, b in zip(glob + local, fault_free[0] + fault_free[1]):
+        assert torch.equal(a, b)
+    events = [json.loads(x) for x in (crashed.run.path() / "metrics.jsonl").read_text().splitlines()]
+    recovered = [e for e in events if e.get("event") == "recovered"]
+    assert len(recovered) == 1 and recovered[0]["source"] == "checkpoint" and recovered[0]["resume_step"] == 1

@@ -118,6 +118,8 @@ class Coordinator:
     def train(self, until_step: int | None = None) -> Summary:
         cfg = self.cfg
         last = min(cfg.train.steps, until_step or cfg.train.steps)
+        if self.checkpoint_step is None and cfg.checkpoint.every and not self._peers_cover_a_loss():
+            self.save_checkpoint()  # a fault before the first checkpoint needs a state to go back to
         while self.step < last:
             step = self.step + 1
             self._driver_faults(step)
@@ -145,6 +147,12 @@ class Coordinator:
             self._finish()
         self.summary.wall_s = self.metrics.elapsed_s()
         return self.summary
+
+    def _peers_cover_a_loss(self) -> bool:
+        """Whether any one lost rank can be recovered from a live peer (every state key has two
+        holders and a failed step leaves state intact); else recovery needs a checkpoint."""
+        return self.spec.worker_cls.failed_step_keeps_state and \
+            all(len(ranks) >= 2 for ranks in self.layout().holders().values())
 
     def _count_failure(self, step: int, failure: WorkerFailure) -> None:
         """Raise RunFailed when `step` has now failed `cluster.max_step_failures` times in a row."""
