@@ -369,9 +369,10 @@ def main() -> None:
              "wall: slowest worker per rep; median [min, max]. vs_gloo: per-rep ratio to the Gloo allreduce run "
              "just before it, median [min, max]. est_1gbps: wall + wire bytes at 1 Gbit/s (a model, no overlap). "
              "DDP rows: step time minus the same step under no_sync. Kernel rows: one thread, fp32 GB/s. "
-             f"Goals at >= {big:,} floats; torch.compile on (default, tensors >= 2^20 values). A socket-vs-counted "
-             "difference that is a multiple of 48 B is Gloo headers of messages wire.py does not count "
-             "(plain allreduce at >= 4M floats), not payload.")
+             f"Goals at >= {big:,} floats; torch.compile on (default, tensors >= 2^20 values); quantized "
+             "allreduces not pipelined (default pipeline_floats=0). "
+             "socket_payload: wchar minus 48 B per Gloo message, messages from raylane.comm.wire "
+             "(Gloo's ring allreduce caps segments at 1 MiB).")
     path = _common.write("comm", rows, claims, notes)
     print(path.with_suffix(".md").read_text())
 

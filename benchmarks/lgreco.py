@@ -5,12 +5,14 @@ optimizer and seed for every system; repeated with seeds 0, 1, 2, ... interleave
 once per seed, in turn):
 1. ddp (fp32 gradient all-reduce every step);
 2. uniform levels, through the same `lgreco` code with `adaptive: false` (same warm-up, same
-   per-layer error feedback, same small-layer threshold): PowerSGD rank 2 and 3, top-k 1%, int4;
+   per-layer error feedback, same small-layer threshold): PowerSGD rank 2 and 3, top-k 1%, int4,
+   int2 and sign (the levels below int4 L-GreCo's quant family may pick or could be compared with);
 3. L-GreCo (alpha, delta, adjust_every from the command line) per family (powersgd, topk, quant,
    default level = that family's uniform one above) and mixed (every family's candidates, default int4).
 Bytes are the Communicator's counted payload bytes of training, summed over workers (L-GreCo's
-error-table all-gathers included); eval loss is the final one over data.eval_batches held-out
-batches. Rows carry the median over seeds and the spread (min, max). Writes
+error-table all-gathers included); bytes_after_warmup counts only the steps after the full-precision
+warm-up (the part the levels decide; the claims use the totals); eval loss is the final one over
+data.eval_batches held-out batches. Rows carry the median over seeds and the spread (min, max). Writes
 benchmarks/results/lgreco.{json,md} and lgreco.png (final eval loss vs bytes, log scale).
 
     python benchmarks/lgreco.py [--quick] [--steps N] [--seeds K] [--lock /tmp/raylane-heavy.lock]
@@ -47,6 +49,8 @@ def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             ("uniform powersgd:3", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:3"]),
             ("uniform topk:0.01", "uniform", [*uniform, "strategy.family=topk", "strategy.default_level=topk:0.01"]),
             ("uniform int4", "uniform", [*uniform, "strategy.family=quant", "strategy.default_level=int4"]),
+            ("uniform int2", "uniform", [*uniform, "strategy.family=quant", "strategy.default_level=int2"]),
+            ("uniform sign", "uniform", [*uniform, "strategy.family=quant", "strategy.default_level=sign"]),
             ("lgreco powersgd", "lgreco", [*adaptive, "strategy.family=powersgd", "strategy.default_level=powersgd:2"]),
             ("lgreco topk", "lgreco", [*adaptive, "strategy.family=topk", "strategy.default_level=topk:0.01"]),
             ("lgreco quant", "lgreco", [*adaptive, "strategy.family=quant", "strategy.default_level=int4"]),
@@ -60,7 +64,7 @@ def common(args: argparse.Namespace, root: str, seed: int) -> list[str]:
             "resume=false", f"run.root={root}", f"seed={seed}"]
 
 
-def run_one(overrides: list[str], name: str) -> dict:
+def run_one(overrides: list[str], name: str, warmup: int) -> dict:
     from raylane import config
     from raylane.orchestrator.coordinator import Coordinator
 
@@ -74,13 +78,14 @@ def run_one(overrides: list[str], name: str) -> dict:
     lines = [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "train/loss" in x]
     return {"eval_loss": [x for x in lines if "eval/loss" in x][-1]["eval/loss"],
-            "bytes_total": sum(x["comm/bytes_sent"] for x in steps), "train_s": sum(x["train/round_s"] for x in steps),
+            "bytes_total": sum(x["comm/bytes_sent"] for x in steps),
+            "bytes_after_warmup": sum(x["comm/bytes_sent"] for x in steps if x["step"] > warmup), "train_s": sum(x["train/round_s"] for x in steps),
             "levels": levels}
 
 
 def summarise(name: str, kind: str, runs: list[dict]) -> dict:
     row = {"system": name, "kind": kind}
-    for key in ("eval_loss", "bytes_total", "train_s"):
+    for key in ("eval_loss", "bytes_total", "bytes_after_warmup", "train_s"):
         xs = [r[key] for r in runs]
         row.update({key: statistics.median(xs), f"{key}_min": min(xs), f"{key}_max": max(xs)})
     row["runs"] = len(runs)
@@ -181,7 +186,7 @@ def main() -> None:
                 start_local_ray(os.cpu_count() or 2)
                 try:
                     for i, (name, kind, overrides) in enumerate(chosen):
-                        runs[name].append(run_one([*common(args, tmp, seed), *overrides], f"s{i}-seed{seed}"))
+                        runs[name].append(run_one([*common(args, tmp, seed), *overrides], f"s{i}-seed{seed}", args.warmup))
                         print(name, seed, {k: v for k, v in runs[name][-1].items() if k != "levels"}, flush=True)
                 finally:
                     ray.shutdown()

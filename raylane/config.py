@@ -23,6 +23,8 @@ from raylane.orchestrator.faults import FaultsConfig
 from raylane.workers.chaos import GRADIENT_MODES, WIRE_MODES
 from raylane.validation import ConfigError, check, from_dict, one_of
 from raylane.workers.data import DataConfig
+from raylane.workers.gnn_models import GNN_MODELS
+from raylane.workers.graphs import GRAPH_DATASETS
 from raylane.workers.models import ModelConfig
 from raylane.workers.optim import OptimConfig
 
@@ -73,6 +75,7 @@ class ClusterConfig:
     replace_timeout_s: float = 30.0  # a replacement not up by then: shrink (if min_workers allows) or fail
     round_timeout_s: float = 600.0   # no reply to a round by then: the silent workers are hung
     max_step_failures: int = 3       # the same step failing this often in a row is not transient: stop
+    ranks_per_replica: int = 1       # ranks that train one replica together (strategy=hsdp/replica_diloco)
 
     def validate(self, prefix: str) -> None:
         check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "must be >= 1")
@@ -90,6 +93,14 @@ class ClusterConfig:
         check(self.max_step_failures >= 1, f"{prefix}.max_step_failures", self.max_step_failures, "must be >= 1")
         check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
               self.min_workers, f"must be in [1, cluster.num_workers={self.num_workers}]")
+        check(self.ranks_per_replica >= 1 and self.num_workers % self.ranks_per_replica == 0,
+              f"{prefix}.ranks_per_replica", self.ranks_per_replica,
+              f"must be >= 1 and divide cluster.num_workers={self.num_workers}")
+
+    @property
+    def replicas(self) -> int:
+        """Replicas of `ranks_per_replica` ranks each."""
+        return self.num_workers // self.ranks_per_replica
 
     @property
     def floor(self) -> int:
@@ -178,6 +189,9 @@ def validate(raw: dict[str, Any]) -> RunConfig:
         check(key in allowed, key, raw[key], f"unknown key; allowed keys: {sorted(allowed)}")
     strat = dict(raw.get("strategy") or {})
     spec = strategies.get(strat.get("name", "ddp"))
+    check("engine" not in strat or getattr(spec.worker_cls, "hosts_replicas", False), "strategy.engine",
+          strat.get("engine"), f"strategy={spec.name} can't host an inner engine; use strategy=hsdp or "
+          f"strategy=replica_diloco")
     sections = {k: from_dict(cls, raw.get(k), k) for k, cls in _SECTIONS.items()}
     seed, resume = raw.get("seed", 0), raw.get("resume", "auto")
     check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
@@ -192,12 +206,19 @@ def validate(raw: dict[str, Any]) -> RunConfig:
                                                                                 False),
               f"faults.events[{i}].mode", e.mode, f"needs a strategy that exchanges gradients (strategy=robust); "
               f"strategy={cfg.strategy.name} takes only {list(WIRE_MODES)}")
+    check(cfg.cluster.ranks_per_replica == 1 or getattr(spec.worker_cls, "hosts_replicas", False),
+          "cluster.ranks_per_replica", cfg.cluster.ranks_per_replica,
+          f"strategy={cfg.strategy.name} trains one rank per replica; multi-rank replicas need strategy=hsdp or "
+          f"strategy=replica_diloco")
     check_run = getattr(cfg.strategy, "check_run", None)  # a strategy's checks against the whole run
     if check_run is not None:
         check_run(cfg)
     for warning in getattr(cfg.strategy, "warn_run", lambda run: [])(cfg):  # legal but likely surprising
         log.warning("%s", warning)
-    if cfg.model.name == "char_transformer":
+    if cfg.model.name in GNN_MODELS or cfg.data.name in GRAPH_DATASETS:  # whole-graph training
+        check(getattr(spec.worker_cls, "full_graph", False), "strategy.name", cfg.strategy.name,
+              f"model={cfg.model.name} data={cfg.data.name} trains on a whole graph: strategy=gnnpipe or graph_parallel")
+    elif cfg.model.name == "char_transformer":
         check(cfg.data.name == "chars", "data.name", cfg.data.name, "model=char_transformer needs data=chars")
     elif cfg.model.name == "cnn":
         check(cfg.data.name == "digits", "data.name", cfg.data.name, "model=cnn needs image data: data=digits")

@@ -42,7 +42,9 @@ def _measure_broadcast(comm, numel, src):
 
 
 @pytest.mark.parametrize("world,numel,dtype", [(4, 1_000_000, torch.float32), (3, 1001, torch.float32),
-                                               (4, 12_345, torch.bfloat16), (2, 7, torch.float32)])
+                                               (4, 12_345, torch.bfloat16), (2, 7, torch.float32),
+                                               # above 2W MiB, Gloo caps segments at 1 MiB: more messages
+                                               (2, 3_000_001, torch.float32), (3, 5_000_001, torch.bfloat16)])
 def test_allreduce_bytes_counted_equal_gloo_bytes_written(world, numel, dtype):
     from tests.multiproc import run_ranks
 
@@ -52,6 +54,13 @@ def test_allreduce_bytes_counted_equal_gloo_bytes_written(world, numel, dtype):
         assert counted == wire.gloo_allreduce(numel * torch.tensor([], dtype=dtype).element_size(),
                                               torch.tensor([], dtype=dtype).element_size(), world, rank).bytes_sent
         assert measured == counted + wire.GLOO_HEADER_BYTES * (2 * sent_msgs + recv_msgs), rank
+
+
+def test_gloo_allreduce_caps_segments_at_one_mib():
+    small, big = wire.gloo_allreduce(4 << 20, 4, 4, 0), wire.gloo_allreduce(64 << 20, 4, 4, 0)
+    assert small.messages_sent == 2 * (8 - 2)  # 2W = 8 segments of 512 KiB
+    assert big.messages_sent == 2 * (64 - 16)  # 64 segments of 1 MiB
+    assert big.bytes_sent == 2 * 3 * (64 << 20) // 4
 
 
 def test_allreduce_bytes_follow_ring_formula_when_divisible():

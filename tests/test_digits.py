@@ -9,6 +9,7 @@ from raylane import config
 from raylane.validation import ConfigError
 from raylane.workers.data import DataConfig, build_dataset
 from raylane.workers.models import ModelConfig, build_model
+from raylane.strategies.base import WorkerStrategy
 from raylane.workers.worker import TrainWorker
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,13 +37,8 @@ def test_evaluate_reports_correct_predictions_for_classification_data():
     cfg = config.load(["model=cnn", "data=digits", "logging=quiet"])
     w = TrainWorker(cfg, rank=0)
 
-    class Strategy:  # the default view, nothing else
-        eval_views = ("model",)
-
-        def eval_parameters(self, view):
-            import contextlib
-
-            return contextlib.nullcontext()
+    class Strategy(WorkerStrategy):  # the default view and the worker's own evaluation loop
+        pass
 
     class Comm:
         class stats:
@@ -50,7 +46,7 @@ def test_evaluate_reports_correct_predictions_for_classification_data():
             def total():
                 return type("T", (), {"bytes_sent": 0, "bytes_recv": 0})()
 
-    w.strategy, w.comm = Strategy(), Comm()
+    w.strategy, w.comm = Strategy(cfg.strategy, None), Comm()
     out = w.evaluate(1)
     correct, samples = out["model/accuracy"]
     assert samples == 359 and 0 <= correct <= samples

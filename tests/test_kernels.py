@@ -110,3 +110,29 @@ def test_compression_config_compile_switch_sets_the_kernel_path():
             CompressionConfig("int", compile="yes").build()
     finally:
         kernels.configure(compile=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp4_code_table_puts_values_at_and_beside_every_midpoint_where_the_reference_does(compiled):
+    """The bits-keyed fp4 code table against the reference's midpoint comparisons: each midpoint, the
+    floats just below and above it, both signs, signed zeros, denormals, and values past the grid's end
+    (blocks scaled by exactly 1: each holds the grid maximum)."""
+    kernels.configure(compile=compiled, min_numel=0)
+    try:
+        for fmt in ("e2m1", "e3m0"):
+            ref = FP4Quantizer(fmt, BLOCK)
+            mids = torch.tensor([(a + b) / 2 for a, b in zip(ref.grid, ref.grid[1:])])
+            near = torch.cat([mids, torch.nextafter(mids, torch.zeros_like(mids)),
+                              torch.nextafter(mids, torch.full_like(mids, 10.0)),
+                              torch.tensor([0.0, -0.0, 1e-45, 1e-40, ref.grid[-1] * (1 - 2 ** -24)])])
+            values = torch.cat([near, -near])
+            body = torch.cat([values, torch.zeros(-values.numel() % (BLOCK - 1))]).view(-1, BLOCK - 1)
+            rows = torch.cat([torch.full((body.shape[0], 1), float(ref.grid[-1])), body], dim=1)
+            x, n, nb = rows.reshape(-1), rows.numel(), rows.shape[0]
+            assert torch.equal(x[1:values.numel() + 1], values)
+            scales, codes = torch.empty(nb), torch.empty(n // 2, dtype=torch.uint8)
+            kernels.encode_fp4(rows, ref.grid, scales, codes, torch.empty(n), torch.empty(n, dtype=torch.int32))
+            parts = ref.compress(x).parts
+            assert torch.equal(scales, torch.ones(nb)) and torch.equal(codes, parts["codes"]), fmt
+    finally:
+        kernels.configure(compile=True, min_numel=1 << 20)

@@ -136,10 +136,10 @@ def test_benchmark_claims_are_ratios_of_the_rows():
 def test_level_range_keeps_the_candidates_within_gamma_to_beta_times_the_default_bytes():
     shape, world = (512, 128), 4
     kept_levels = [lv for lv in ["powersgd:1", "powersgd:8", "topk:0.001", "topk:0.03", "bf16", "int8", "int4",
-                                 "fp4_e2m1", "sign"] if in_range(lv, "int4", shape, world, [0.5, 2.0])]
+                                 "int2", "fp4_e2m1", "sign"] if in_range(lv, "int4", shape, world, [0.5, 2.0])]
     for lv in kept_levels:
         assert 0.5 * 0.99 <= wire_bytes(lv, shape, world) / wire_bytes("int4", shape, world) <= 2.0 * 1.01
-    assert kept_levels == ["powersgd:8", "topk:0.03", "int8", "int4", "fp4_e2m1"]  # sign, bf16, rank 1 out
+    assert kept_levels == ["powersgd:8", "topk:0.03", "int8", "int4", "int2", "fp4_e2m1"]  # sign, bf16, rank 1 out
     for shape in [(512, 128), (96, 128), (128, 512)]:  # k rounded: twice and half the density stay in
         assert in_range("topk:0.02", "topk:0.01", shape, world, [0.5, 2.0])
         assert in_range("topk:0.005", "topk:0.01", shape, world, [0.5, 2.0])

@@ -156,10 +156,26 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     return [p.view(s) for p, s in zip(pieces, shapes)]
 
 
+def _corrected(ef: ErrorFeedback | None, t: torch.Tensor, key: str) -> tuple[torch.Tensor, bool]:
+    """(t + residual in fp32, whether that sum lives in the residual's own buffer): an fp32 t adds onto
+    its key's fp32 residual in place (the same bits as t + residual), no tensor allocated."""
+    if ef is None:
+        return t.detach().float(), False
+    r = ef.residuals.get(key)
+    if r is not None and r.shape == t.shape and t.dtype == r.dtype == torch.float32 and r.device == t.device \
+            and r.is_contiguous() and t.is_contiguous():
+        return r.add_(t.detach()), True
+    return ef.corrected(t, key), False
+
+
 def _powersgd_allreduce(comm: Communicator, tensors: list[torch.Tensor], psgd: PowerSGD,
                         ef: ErrorFeedback | None, op: str, key: str) -> list[torch.Tensor]:
     keys = [f"{key}/{i}" for i in range(len(tensors))]
-    corrected = [ef.corrected(t, k) if ef else t.detach().float() for t, k in zip(tensors, keys)]
+    for t, k in zip(tensors, keys):  # shape errors before any residual is touched
+        r = ef.residuals.get(k) if ef else None
+        if r is not None and r.shape != t.shape:
+            ef.corrected(t, k)
+    corrected, in_place = zip(*[_corrected(ef, t, k) for t, k in zip(tensors, keys)]) if tensors else ((), ())
     ms = [c.reshape(matrix_shape(c.shape)) for c in corrected]
     qs = [psgd.start_q(k, m.shape[1], psgd.factor_rank(m.shape), m.device) for k, m in zip(keys, ms)]
     ps = [m @ q for m, q in zip(ms, qs)]
@@ -169,17 +185,19 @@ def _powersgd_allreduce(comm: Communicator, tensors: list[torch.Tensor], psgd: P
     qs = [m.T @ p for m, p in zip(ms, ps)]
     flat_q = torch.cat([q.reshape(-1) for q in qs])
     comm.allreduce(flat_q, op, label="powersgd_allreduce.q")
-    for t, k, c, p, q in zip(tensors, keys, corrected, ps, _split(flat_q, [q.shape for q in qs])):
+    for t, k, c, own, p, q in zip(tensors, keys, corrected, in_place, ps, _split(flat_q, [q.shape for q in qs])):
         psgd.remember(k, q)
         with torch.no_grad():
-            if ef is None and t.dtype == torch.float32 and t.is_contiguous():  # straight into t, no N-size temporary
+            if (ef is None or own) and t.dtype == torch.float32 and t.is_contiguous():  # no N-size temporary
                 torch.matmul(p, q.T, out=t.detach().view(p.shape[0], q.shape[0]))
+                if own:
+                    c.sub_(t.detach().view(c.shape))  # the residual, kept: corrected - approximation
                 continue
             approx = (p @ q.T).view(t.shape)
             if ef:
                 ef.keep(k, c, approx)
             t.copy_(approx)
-    return tensors
+    return list(tensors)
 
 
 # -- expected bytes ------------------------------------------------------------------------

@@ -7,7 +7,8 @@ returns the result). Bytes are counted when the call is issued, from the backend
 algorithm (`raylane.comm.wire`), per op and per run.
 
 An optional `Link` emulates a thin network: `wait()` does not return before the
-counted bytes could have crossed a link of that bandwidth and latency.
+counted bytes could have crossed a link of that bandwidth and latency. Ops in flight at once
+share the one link: each one's transfer starts when the previous one's ends.
 
 On failure (a peer died, the collective timed out) the underlying Work raises; the
 Communicator does not retry: the caller re-forms the group.
@@ -125,6 +126,7 @@ class Communicator:
         self.byzantine: Any = None
         self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()
         self.workspace = Workspace()  # scratch of the compressed collectives, reused across calls
+        self._link_free_at = 0.0  # monotonic time the emulated link finishes what was issued so far
 
     def _prepare(self, op: str, t: torch.Tensor) -> torch.Tensor:
         if self.before_op is not None:
@@ -137,7 +139,12 @@ class Communicator:
     def _issue(self, op: str, traffic: wire.Traffic, works: list, finish: Callable[[], Any],
                async_op: bool) -> Any:
         self.stats.add(op, traffic)
-        handle = Handle(works, finish, self.link.delay_s(traffic), self.stats)
+        delay = self.link.delay_s(traffic)
+        if delay > 0:  # one link: queue behind the transfers still on it
+            now = time.monotonic()
+            self._link_free_at = max(now, self._link_free_at) + delay
+            delay = self._link_free_at - now
+        handle = Handle(works, finish, delay, self.stats)
         self._handles.add(handle)
         return handle if async_op else handle.wait()
 

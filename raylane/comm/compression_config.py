@@ -5,7 +5,9 @@ strategy names one. Parameters left None take the compressor's defaults; a param
 compressor does not take is an error, as is an unknown name or an impossible value, each a
 one-line ValueError naming the key (`compression.bits=3: must be one of [4, 8]`).
 `none` is exact full precision, chosen explicitly; nothing falls back to it. `compile` switches the
-int/fp4 kernels' torch.compile path for the process (`raylane.comm.kernels`; on by default).
+int/fp4 kernels' torch.compile path for the process (`raylane.comm.kernels`; on by default);
+`pipeline_floats` sets the stage size of pipelined quantized allreduces for the process
+(`raylane.comm.pipeline`; 0 = off, None = the process default: off; 4194304 suits thin links).
 
 Registry: `register_compressor(name, factory)`; a duplicate name raises.
 """
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from raylane.comm import kernels
+from raylane.comm import kernels, pipeline
 from raylane.comm.compressors import Bf16, Compressor, Fp16, Identity, Zstd
 from raylane.comm.error_feedback import ErrorFeedback
 from raylane.comm.powersgd import PowerSGD
@@ -63,9 +65,10 @@ class CompressionConfig:
     zstd_level: Optional[int] = None  # a lossless zstd stage after the compressor (1..22); None: no stage
     error_feedback: bool = False  # keep and re-send what compression left out
     compile: Optional[bool] = None  # int/fp4 kernels through torch.compile (None: the process default, on)
+    pipeline_floats: Optional[int] = None  # floats per pipelined allreduce stage, 0 = off (None: default)
 
     def params(self) -> dict:
-        skip = {"name", "zstd_level", "error_feedback", "compile"}
+        skip = {"name", "zstd_level", "error_feedback", "compile", "pipeline_floats"}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
@@ -89,8 +92,13 @@ class CompressionConfig:
             raise ValueError(f"{prefix}.error_feedback={self.error_feedback!r}: must be one of [False, True]")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise ValueError(f"{prefix}.compile={self.compile!r}: must be one of [None, False, True]")
+        pf = self.pipeline_floats
+        if pf is not None and (isinstance(pf, bool) or not isinstance(pf, int) or pf < 0):
+            raise ValueError(f"{prefix}.pipeline_floats={pf!r}: must be an integer >= 0 (0 = off) or None")
         if self.compile is not None:
             kernels.configure(compile=self.compile)
+        if pf is not None:
+            pipeline.configure(pipeline_floats=pf)
         try:
             compressor = factory(**params)
             if self.error_feedback:

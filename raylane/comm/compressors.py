@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import zstandard
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ShapeLike = int | Sequence[int]
@@ -217,11 +216,15 @@ class Zstd(Compressor):
         self.lossless, self.chunkable, self.align = inner.lossless, inner.chunkable, inner.align
 
     def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        import zstandard  # only here: raylane.comm imports without it (GPU hosts that lack it)
+
         raw = self.inner.compress(t, key).to_bytes().cpu().numpy().tobytes()
         packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
         return {"zstd": _as_tensor(packed, t.device)}
 
     def _decode(self, payload: Payload) -> torch.Tensor:
+        import zstandard
+
         buf = payload.parts["zstd"]
         raw = zstandard.ZstdDecompressor().decompress(buf.cpu().numpy().tobytes())
         inner_buf = _as_tensor(raw, buf.device)

@@ -18,6 +18,8 @@ error feedback, 16-bit inputs) use their own compress / decompress, still throug
 Buffers per Communicator, for N values of b bytes in W chunks, c payload bytes per value:
 send and recv max(N c, W * N c / W) each, acc 4 N / W, plus the eager kernels' scratch
 (8 N / W) when torch.compile is off or the tensor is small.
+Large tensors on the BlockCodec path are pipelined in stages (`raylane.comm.pipeline`): same bits,
+same payload bytes, more messages.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
+from raylane.comm import pipeline
 from raylane.comm.blockcodec import BlockCodec
 from raylane.comm.communicator import Communicator
 from raylane.comm.compressors import Compressor
@@ -72,6 +75,10 @@ def quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: 
     sizes = [c.payload_bytes((b - a,), t.dtype) for a, b in ranges]
     lo, hi = ranges[rank]
     fast = BlockCodec(c, ws) if BlockCodec.fits(c, t) else None
+    if pipeline.applies(fast, t):
+        stages = pipeline.stage_count(flat.numel(), ranges, c.block_size)
+        if stages > 1:  # large tensors: encoding overlaps the transfer (raylane.comm.pipeline)
+            return pipeline.quantized_allreduce(comm, t, fast, op, ranges, stages)
     slow = _Generic(c, t.dtype)
 
     # 1-2: compressed reduce-scatter

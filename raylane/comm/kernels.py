@@ -12,13 +12,17 @@ data's size; `scratch` is a caller-owned fp32 buffer of x's size) or through `to
 (inductor fuses each into one or two passes). The compiled path is used when `use_compiled(numel)`:
 switched on by `configure(compile=True)` (the default; env RAYLANE_COMM_COMPILE=0 turns it off) and
 only for tensors of at least `min_numel` values, where the one-time compile cost (seconds per kernel
-and process) pays back. If compiling fails (no C++ compiler), the eager path is used from then on,
+and process) pays back. On GPUs the eager kernels run unless `configure(compile_gpu=True)` (env
+RAYLANE_COMM_COMPILE_GPU=1): Triton's fp32 division and fused multiply-adds are not the CPU's bits.
+Eager divisions by a constant go through a device tensor (`quant.div_scalar`), so that eager GPU
+results equal the CPU's. If compiling fails (no C++ compiler), the eager path is used from then on,
 with one warning. Both paths give the same bits (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Callable
@@ -26,13 +30,16 @@ from collections.abc import Callable
 import torch
 
 FMAX = torch.finfo(torch.float32).max
-_SETTINGS = {"compile": os.environ.get("RAYLANE_COMM_COMPILE", "1") != "0", "min_numel": 1 << 20}
+_SETTINGS = {"compile": os.environ.get("RAYLANE_COMM_COMPILE", "1") != "0", "min_numel": 1 << 20,
+             "compile_gpu": os.environ.get("RAYLANE_COMM_COMPILE_GPU", "0") == "1"}
 _COMPILED: dict[str, Callable] = {}
 _LOCK = threading.Lock()
 
 
-def configure(compile: bool | None = None, min_numel: int | None = None) -> dict:
+def configure(compile: bool | None = None, min_numel: int | None = None, compile_gpu: bool | None = None) -> dict:
     """Set whether large tensors go through torch.compile'd kernels, and from which size; returns the settings."""
+    if compile_gpu is not None:
+        _SETTINGS["compile_gpu"] = bool(compile_gpu)
     if compile is not None:
         _SETTINGS["compile"] = bool(compile)
     if min_numel is not None:
@@ -40,13 +47,21 @@ def configure(compile: bool | None = None, min_numel: int | None = None) -> dict
     return dict(_SETTINGS)
 
 
-def use_compiled(numel: int) -> bool:
-    return _SETTINGS["compile"] and numel >= _SETTINGS["min_numel"]
+def use_compiled(numel: int, device: torch.device | str = "cpu") -> bool:
+    """Compiled for CPU tensors; on other devices only with `compile_gpu` (Triton's fp32 division and
+    fused multiply-adds differ from eager in the last bit: benchmarks/gpu_check.py records it)."""
+    on_device = torch.device(device).type == "cpu" or _SETTINGS["compile_gpu"]
+    return _SETTINGS["compile"] and on_device and numel >= _SETTINGS["min_numel"]
+
+
+def min_compiled_numel() -> int:
+    """The fewest values a kernel call needs to take the compiled path (1 when compiling is off)."""
+    return _SETTINGS["min_numel"] if _SETTINGS["compile"] else 1
 
 
 def _call(name: str, numel: int, fused_args: tuple, eager: Callable[[], None]) -> None:
     """Run the compiled kernel `name` (compiled on first use) on fused_args, or `eager()`."""
-    if use_compiled(numel):
+    if use_compiled(numel, fused_args[0].device):
         fn = _COMPILED.get(name)
         if fn is None:
             with _LOCK:
@@ -103,19 +118,16 @@ def _int_encode_fused(x, qmax: float, noise, scales_out, codes_out, bits: int) -
     codes_out.copy_((lo + hi * 16).to(torch.uint8).reshape(-1))
 
 
-def _fp4_code(y, mids: list[float]):
-    """Sign bit (8) plus the number of grid midpoints strictly below |y|, as floats."""
-    mag = y.abs()
-    code = torch.zeros_like(y)
-    for i, m in enumerate(mids):
-        code = torch.where(mag > m, float(i + 1), code)
-    return code + (y < 0).to(torch.float32) * 8
+def _fp4_keys(y, shift: int, mask: int):
+    """Index into the fp4 code table (`fp4_table`) of each fp32 value, from its bits."""
+    return ((y.view(torch.int32) - 1) >> shift) & mask
 
 
-def _fp4_encode_fused(x, gmax: float, mids: list[float], scales_out, codes_out) -> None:
+def _fp4_encode_fused(x, gmax: float, table, shift: int, mask: int, scales_out, codes_out) -> None:
     scales, even, odd = _scaled_halves(x, gmax)
     scales_out.copy_(scales)
-    codes_out.copy_((_fp4_code(even, mids) + _fp4_code(odd, mids) * 16).to(torch.uint8).reshape(-1))
+    lo, hi = table[_fp4_keys(even, shift, mask)], table[_fp4_keys(odd, shift, mask)]
+    codes_out.copy_((lo + hi * 16).to(torch.uint8).reshape(-1))
 
 
 def _int_decode_fused(codes, scales, bits: int, out, accumulate: bool) -> None:
@@ -140,8 +152,13 @@ def _pack_into(scratch: torch.Tensor, codes_out: torch.Tensor) -> None:
     codes_out.copy_(lo)
 
 
+def _divisor(d: float, like: torch.Tensor) -> float | torch.Tensor:
+    """d as a divisor that divides exactly on like's device (see `quant.div_scalar`)."""
+    return d if like.device.type == "cpu" else torch.tensor(d, dtype=like.dtype, device=like.device)
+
+
 def _int_encode_eager(x, qmax: float, noise, scales_out, codes_out, bits: int, scratch) -> None:
-    torch.div(block_absmax(x), qmax, out=scales_out)
+    torch.div(block_absmax(x), _divisor(qmax, x), out=scales_out)
     torch.mul(x, inverse(scales_out).unsqueeze(1), out=scratch)
     if noise is None:
         scratch.round_()
@@ -154,25 +171,42 @@ def _int_encode_eager(x, qmax: float, noise, scales_out, codes_out, bits: int, s
         _pack_into(scratch.add_(8), codes_out)
 
 
-def _fp4_search(mids: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boundaries and a 16-entry table so that code = table[bucketize(y, boundaries)] (one search).
+def _bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
 
-    y >= 0 (and -0.0): boundaries below it are the 8 negative ones, so index 8 + #(mids < y), code = that - 8.
-    y < 0: index #(b < y) over b = the float just below -m (so that b < y <=> -m <= y), code = 15 - index.
+
+def _from_bits(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
+
+
+def fp4_table(mids: list[float]) -> tuple[torch.Tensor, int, int]:
+    """(table, shift, mask): code = table[((bits(y) - 1) >> shift) & mask], bits(y) y's fp32 bits as int32.
+
+    Code = sign bit (8, for y < 0) + the number of grid midpoints strictly below |y|. Every midpoint
+    is a float whose low `shift` bits are 0, so within one key (bits - 1) >> shift all values lie on
+    the same side of every midpoint: a value equal to a midpoint has bits - 1 just below it, hence the
+    lower code (ties go down). The -1 sends +0.0 to the last key and -0.0 to the last positive one,
+    both given code 0 (with NaNs, which never get this far: their block's scale is not finite).
     """
-    below = [torch.nextafter(torch.tensor(-m), torch.tensor(-float("inf"))).item() for m in reversed(mids)]
-    bounds = torch.tensor(below + [-torch.finfo(torch.float32).smallest_normal * 2.0 ** -23] + list(mids))
-    table = torch.tensor([15 - i for i in range(8)] + [i for i in range(8)], dtype=torch.float32)
-    return bounds.float(), table
+    shift = min(23, *[(_bits(m) & -_bits(m)).bit_length() - 1 for m in mids if m > 0])
+    if shift < 16:
+        raise ValueError(f"fp4 grid midpoints {mids} need a table of 2^{32 - shift} entries")
+    half = 1 << (31 - shift)
+    mags = [sum(1 for m in mids if _from_bits((k + 1) << shift) > m) for k in range(half)]
+    mags[half - 1] = 0
+    table = mags + [c + 8 for c in mags]
+    table[-1] = 0
+    return torch.tensor(table, dtype=torch.float32), shift, 2 * half - 1
 
 
-def _fp4_encode_eager(x, gmax: float, mids: list[float], scales_out, codes_out, scratch, iscratch) -> None:
-    torch.div(block_absmax(x), gmax, out=scales_out)
+def _fp4_encode_eager(x, gmax: float, table, shift: int, mask: int, scales_out, codes_out, scratch,
+                      iscratch) -> None:
+    torch.div(block_absmax(x), _divisor(gmax, x), out=scales_out)
     torch.mul(x, inverse(scales_out).unsqueeze(1), out=scratch)
-    bounds, table = _SEARCH.get(tuple(mids)) or _SEARCH.setdefault(tuple(mids), _fp4_search(mids))
-    idx = iscratch.view(-1)
-    torch.bucketize(scratch.view(-1), bounds.to(x.device), out_int32=True, out=idx)
-    torch.index_select(table.to(x.device), 0, idx, out=scratch.view(-1))
+    keys = iscratch.view(-1)
+    torch.sub(scratch.view(-1).view(torch.int32), 1, out=keys)
+    keys.bitwise_right_shift_(shift).bitwise_and_(mask)
+    torch.index_select(table, 0, keys, out=scratch.view(-1))
     _pack_into(scratch, codes_out)
 
 
@@ -194,12 +228,9 @@ def _scale_into(q, scales, out, accumulate: bool) -> None:
 def _int_decode_eager(codes, scales, bits: int, out, accumulate: bool, scratch, iscratch) -> None:
     if bits == 4:
         return _lut_decode_eager(codes, scales, _INT4_TABLE, out, accumulate, scratch, iscratch)
-    q = codes.view(torch.int8).view(out.shape)
-    if accumulate:
-        torch.mul(q, scales.unsqueeze(1), out=scratch.view(out.shape))
-        out.add_(scratch.view(out.shape))
-    else:
-        torch.mul(q, scales.unsqueeze(1), out=out)
+    q = scratch.view(out.shape)
+    q.copy_(codes.view(torch.int8).view(out.shape))  # int8 -> fp32 in the scratch, not a new tensor
+    _scale_into(q, scales, out, accumulate)
 
 
 def _pair_table(values: list[float]) -> torch.Tensor:
@@ -211,7 +242,7 @@ def _pair_table(values: list[float]) -> torch.Tensor:
 
 _INT4_TABLE = _pair_table([float(i - 8) for i in range(16)])
 _PAIR_TABLES: dict[tuple[float, ...], torch.Tensor] = {}
-_SEARCH: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+_FP4_TABLES: dict[tuple[tuple[float, ...], str], tuple[torch.Tensor, int, int]] = {}
 
 
 # -- entry points: x / out are [blocks, block] fp32; scratch (fp32) and iscratch (int32), as large,
@@ -230,10 +261,17 @@ def encode_int(x: torch.Tensor, qmax: int, bits: int, noise: torch.Tensor | None
 
 def encode_fp4(x: torch.Tensor, grid: list[float], scales_out: torch.Tensor, codes_out: torch.Tensor,
                scratch: torch.Tensor, iscratch: torch.Tensor) -> None:
-    """Scales (absmax / grid max) and 4-bit codes (sign bit 8 + nearest grid index, lower on ties), packed."""
+    """Scales (absmax / grid max) and 4-bit codes (sign bit 8 + nearest grid index, lower on ties), packed;
+    codes looked up by the scaled value's bits (`fp4_table`)."""
     mids, gmax = [(a + b) / 2 for a, b in zip(grid, grid[1:])], float(grid[-1])
-    _call("fp4_encode", x.numel(), (x, gmax, mids, scales_out, codes_out),
-          lambda: _fp4_encode_eager(x, gmax, mids, scales_out, codes_out, _t(scratch).view(x.shape), _t(iscratch)))
+    key = (tuple(mids), str(x.device))
+    if key not in _FP4_TABLES:
+        table, shift, mask = fp4_table(mids)
+        _FP4_TABLES[key] = (table.to(x.device), shift, mask)
+    table, shift, mask = _FP4_TABLES[key]
+    _call("fp4_encode", x.numel(), (x, gmax, table, shift, mask, scales_out, codes_out),
+          lambda: _fp4_encode_eager(x, gmax, table, shift, mask, scales_out, codes_out, _t(scratch).view(x.shape),
+                                    _t(iscratch)))
 
 
 def decode_int(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor, accumulate: bool,

@@ -31,6 +31,12 @@ def to_blocks(flat: torch.Tensor, block: int) -> torch.Tensor:
     return flat.view(-1, block)
 
 
+def div_scalar(t: torch.Tensor, d: float) -> torch.Tensor:
+    """t / d, correctly rounded on every device: CUDA turns a division by a Python number into a
+    multiplication by its reciprocal (last-bit differences from the CPU); a 0-dim device tensor is divided."""
+    return t / d if t.device.type == "cpu" else t / torch.tensor(d, dtype=t.dtype, device=t.device)
+
+
 def block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.abs().amax(dim=1)
 
@@ -83,6 +89,19 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:numel]
+
+
+def pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 2-bit codes (uint8 in 0..3) four per byte, first code in the lowest two bits."""
+    pad = (-codes.numel()) % 4
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    q = codes.view(-1, 4)
+    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+
+
+def unpack_crumbs(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.stack([packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, packed >> 6], dim=1).view(-1)[:numel]
 
 
 _BIT_WEIGHTS = tuple(1 << i for i in range(8))

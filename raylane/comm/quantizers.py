@@ -1,15 +1,17 @@
-"""Blockwise quantizers: int8 / int4, 4-bit floats (e2m1, e3m0), 1-bit sign. Packed, with fp32 scales.
+"""Blockwise quantizers: int8 / int4 / int2, 4-bit floats (e2m1, e3m0), 1-bit sign. Packed, with fp32 scales.
 
 Each block of `block_size` consecutive values has one fp32 scale. Error bounds per value (nearest
 rounding; stochastic rounding doubles them but is unbiased):
 
 - int{8,4}: scale = absmax / qmax (qmax 127 or 7); |error| <= scale / 2.
+- int2: levels {-3, -1, 1, 3} x scale, scale = absmax / 3; |error| <= scale.
 - fp4: scale = absmax / grid max; |error| <= half the gap between the two grid points around |x|/scale,
   times scale (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; e3m0 grid 0, 2^-6 .. 2^0).
 - sign: scale = mean |x| of the block; value = scale * sign(x) (0 counts as +);
   sum of squared errors of a block = ||x||^2 - n * scale^2.
 
-Wire bytes for n values in b blocks: int8 n + 4b; int4 and fp4 ceil(n/2) + 4b; sign ceil(n/8) + 4b.
+Wire bytes for n values in b blocks: int8 n + 4b; int4 and fp4 ceil(n/2) + 4b; int2 ceil(n/4) + 4b;
+sign ceil(n/8) + 4b.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class IntQuantizer(_Blockwise):
 
     def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
         blocks = self._blocks(t)
-        scales = quant.block_absmax(blocks) / self.qmax
+        scales = quant.div_scalar(quant.block_absmax(blocks), self.qmax)
         q = quant.round_to_int_(quant.scale_rows(blocks, scales), self._generator(t.device))
         q = q.clamp_(-self.qmax, self.qmax).reshape(-1)[:t.numel()]
         if self.bits == 8:
@@ -89,6 +91,35 @@ class IntQuantizer(_Blockwise):
         return self._expand(q, payload.parts["scales"], n)
 
 
+class Int2Quantizer(_Blockwise):
+    """2 bits per value (four packed per byte): the uniform 4-level grid {-3, -1, 1, 3} x absmax / 3.
+
+    Mid-rise, no zero level: a symmetric 2-bit integer would leave one of its four codes unused
+    ({-1, 0, 1}). Nearest rounding: code = round((x / s + 3) / 2), s = absmax / 3, |error| <= s;
+    stochastic rounding is unbiased on the same grid.
+    """
+
+    name = "int2"
+
+    def __init__(self, block_size: int = 256, stochastic: bool = False, seed: int = 0):
+        super().__init__(block_size, stochastic, seed)
+
+    def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+        n = math.prod(as_shape(shape))
+        return {"scales": (torch.float32, self._num_blocks(shape)), "codes": (torch.uint8, -(-n // 4))}
+
+    def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        blocks = self._blocks(t)
+        scales = quant.block_absmax(blocks) / 3
+        y = quant.scale_rows(blocks, scales).add_(3).mul_(0.5)
+        q = quant.round_to_int_(y, self._generator(t.device)).clamp_(0, 3).reshape(-1)[:t.numel()]
+        return {"scales": scales, "codes": quant.pack_crumbs(q.to(torch.uint8))}
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        q = quant.unpack_crumbs(payload.parts["codes"], payload.numel).float().mul_(2).sub_(3)
+        return self._expand(q, payload.parts["scales"], payload.numel)
+
+
 class FP4Quantizer(_Blockwise):
     """4-bit floats, sign bit + 3-bit magnitude index into the format's grid; scale per block."""
 
@@ -104,7 +135,7 @@ class FP4Quantizer(_Blockwise):
 
     def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
         blocks = self._blocks(t)
-        scales = quant.block_absmax(blocks) / self.grid[-1]
+        scales = quant.div_scalar(quant.block_absmax(blocks), self.grid[-1])
         mag = quant.scale_rows(blocks, scales).reshape(-1)[:t.numel()]
         negative = mag < 0
         mag = mag.abs_().clamp_(max=self.grid[-1])

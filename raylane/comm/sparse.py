@@ -26,23 +26,40 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2 ** 31 else torch.int64
 
 
+_SAMPLE = 1 << 16
+_SAMPLE_POSITIONS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
+    """65,536 fixed pseudo-random positions in [0, n) (seeded; kept per size and device): a strided
+    sample would see only a few columns of a gradient whose row length divides the stride."""
+    key = (n, str(device))
+    if key not in _SAMPLE_POSITIONS:
+        if len(_SAMPLE_POSITIONS) > 64:
+            _SAMPLE_POSITIONS.clear()
+        gen = torch.Generator().manual_seed(n)
+        _SAMPLE_POSITIONS[key] = torch.randint(n, (_SAMPLE,), generator=gen).to(device)
+    return _SAMPLE_POSITIONS[key]
+
+
 def top_indices(magnitudes: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions of the k largest of a flat tensor; the same set as `topk` (ties aside), faster:
-    a threshold from a strided sample keeps ~1.25 k candidates, and topk runs on those. When the
-    sample misleads (fewer than k candidates), plain topk over everything. `mask`: an optional
-    bool buffer of n for the candidate test (else one is allocated).
+    """Positions of the k largest of a flat tensor; the same set as `topk` (ties at the k-th value
+    aside), faster: a threshold from a random sample keeps ~1.25 k candidates (if the sample misleads,
+    a threshold keeping ~4 times as many), and topk runs on those; if still fewer than k, plain topk
+    over everything. `mask`: an optional bool buffer of n for the candidate test (else one is allocated).
     """
     n = magnitudes.numel()
-    if n <= 1 << 16 or 2 * k > n:
+    if n <= _SAMPLE or 2 * k > n:
         return magnitudes.topk(k, sorted=False).indices
-    sample = magnitudes[:: n // (1 << 16)]
-    keep = min(sample.numel(), math.ceil(1.25 * sample.numel() * k / n) + 1)
-    threshold = sample.topk(keep, sorted=True).values[-1]
-    above = magnitudes >= threshold if mask is None else torch.ge(magnitudes, threshold, out=mask)
-    candidates = above.nonzero().squeeze(1)
-    if candidates.numel() < k:
-        return magnitudes.topk(k, sorted=False).indices
-    return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
+    sample = magnitudes[_sample_positions(n, magnitudes.device)]
+    for margin in (1.25, 5.0):
+        keep = min(sample.numel(), math.ceil(margin * sample.numel() * k / n) + 1)
+        threshold = sample.topk(keep, sorted=True).values[-1]
+        above = magnitudes >= threshold if mask is None else torch.ge(magnitudes, threshold, out=mask)
+        candidates = above.nonzero().squeeze(1)
+        if candidates.numel() >= k:
+            return candidates[magnitudes[candidates].topk(k, sorted=False).indices]
+    return magnitudes.topk(k, sorted=False).indices
 
 
 def _scatter(values: torch.Tensor, index: torch.Tensor, numel: int) -> torch.Tensor:
@@ -94,14 +111,19 @@ class RandomK(Compressor):
         check_int("seed", seed, 0)
         self.ratio, self.seed = ratio, seed
         self._calls: dict[str, int] = {}
+        self._last: tuple | None = None  # ((seed, numel, device), positions) of the last call
 
     def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
         return {"seed": (torch.int64, 1), "values": (dtype, kept(math.prod(as_shape(shape)), self.ratio))}
 
     def positions(self, call_seed: int, numel: int, device: torch.device) -> torch.Tensor:
-        """The k positions for one call: a CPU permutation prefix, the same on every device."""
-        gen = torch.Generator().manual_seed(call_seed)
-        return torch.randperm(numel, generator=gen)[:kept(numel, self.ratio)].to(device)
+        """The k positions for one call: a CPU permutation prefix, the same on every device. The last
+        call's are kept (k int64), so that one collective draws its permutation once, not per payload."""
+        key = (call_seed, numel, str(device))
+        if self._last is None or self._last[0] != key:
+            gen = torch.Generator().manual_seed(call_seed)
+            self._last = (key, torch.randperm(numel, generator=gen)[:kept(numel, self.ratio)].to(device))
+        return self._last[1]
 
     def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
         count = self._calls.get(key, 0)

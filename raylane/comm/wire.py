@@ -6,8 +6,10 @@ control header per message it sends and per receive it posts (see
 with what the kernel saw.
 
 Gloo (measured against /proc/self/io on this torch, see tests/test_comm_bytes.py):
-- allreduce: ring. The buffer of T bytes is cut into S = roundup(max(1, 2W), W)
-  segments of s = roundup(ceil(T/S), b) bytes, W chunks of S/W segments each; rank r
+- allreduce: ring (gloo/allreduce.cc, ring()). The buffer of T bytes is cut into
+  S = roundup(max(ceil(T/M), 2W), W) segments, M = `GLOO_MAX_SEGMENT_BYTES` (1 MiB: more,
+  smaller messages from T > 2W MiB on; measured, see tests/test_comm_bytes.py), of
+  s = roundup(ceil(T/S), b) bytes, W chunks of S/W segments each; rank r
   sends every segment except those of chunk r-1 (reduce-scatter phase) and again every
   segment except those of chunk r (allgather phase); it receives what rank r+1 sends.
   With T divisible by S·b: 2(W-1)/W · N · b.
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GLOO_HEADER_BYTES = 48
+GLOO_MAX_SEGMENT_BYTES = 1 << 20  # ring allreduce's largest segment (message) on this torch's Gloo
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _gloo_ring_segments(total_bytes: int, elem_bytes: int, world: int) -> tuple[int, int]:
-    num_segments = _round_up(max(1, 2 * world), world)
+    max_segment = elem_bytes * max(1, GLOO_MAX_SEGMENT_BYTES // elem_bytes)
+    num_segments = _round_up(max(-(-total_bytes // max_segment), 2 * world), world)
     segment_bytes = _round_up(-(-total_bytes // num_segments), elem_bytes)
     return num_segments, segment_bytes
 

@@ -243,9 +243,11 @@ class Coordinator:
         label = getattr(self.cfg.strategy, "eval_label", None)  # e.g. DiLoCo: "global (outer) parameters, ..."
         self.summary.record_eval(self.step, losses[views[0]], label(self.step) if label else None)
         logged = {"eval/loss" if i == 0 else f"eval/loss_{v}": losses[v] for i, v in enumerate(views)}
-        if f"{views[0]}/accuracy" in parts[0]:  # a classification dataset
-            hits = [p[f"{views[0]}/accuracy"] for p in parts]
-            logged["eval/accuracy"] = sum(c for c, _ in hits) / max(1, sum(s for _, s in hits))
+        for i, view in enumerate(views):  # a classification dataset: eval/accuracy, eval/accuracy_<view>
+            if f"{view}/accuracy" in parts[0]:
+                hits = [p[f"{view}/accuracy"] for p in parts]
+                logged["eval/accuracy" if i == 0 else f"eval/accuracy_{view}"] = \
+                    sum(c for c, _ in hits) / max(1, sum(s for _, s in hits))
         self.metrics.log(self.step, logged)
         return losses[views[0]]
 

@@ -73,6 +73,10 @@ class OuterSync:
     def start(self, fragment: int, step: int, merge_step: int) -> Sync:
         frag = self.fragments[fragment]
         assert all(s.fragment != fragment for s in self.in_flight), f"fragment {fragment} is already in flight"
+        if frag.numel == 0:  # a shard of a multi-rank replica may hold none of it: so do its outer peers
+            sync = Sync(fragment, step, merge_step, torch.zeros(0), 0)
+            self.in_flight.append(sync)
+            return sync
         delta = torch.cat([(g.float() - p.float()).reshape(-1) for p, g in zip(frag.local, frag.global_)])
         sync = Sync(fragment, step, merge_step, delta, self.bytes_per_sync(fragment))
         sync.handle = quantized_allreduce(self.comm, delta, self.compressor, op="avg",
@@ -99,6 +103,8 @@ class OuterSync:
         self.resolve(sync)
         self.in_flight.remove(sync)
         frag = self.fragments[sync.fragment]
+        if not frag.global_:
+            return 0.0
         for g, d in zip(frag.global_, torch.split(sync.outer_grad, [g.numel() for g in frag.global_])):
             g.grad = d.view_as(g).to(g.dtype)
         self.optimizer.step()

@@ -22,7 +22,7 @@ class LGrecoConfig(DDPConfig):
     family: str = "powersgd"  # powersgd | topk | quant | mixed (every family's candidates for every layer)
     powersgd_ranks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     topk_ratios: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.005, 0.01, 0.02, 0.03, 0.1])
-    quant_formats: list[str] = field(default_factory=lambda: ["bf16", "int8", "int4", "fp4_e2m1"])
+    quant_formats: list[str] = field(default_factory=lambda: ["bf16", "int8", "int4", "int2", "fp4_e2m1"])
     default_level: Optional[str] = None  # the uniform level the error budget is measured by; null: per family
     level_range: Optional[list[float]] = field(default_factory=lambda: [0.5, 2.0])  # [gamma, beta]: a layer's
     # candidates send gamma x to beta x the default level's bytes on it (the paper's rank range); null: any

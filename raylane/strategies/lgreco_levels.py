@@ -1,7 +1,7 @@
 """The compression levels L-GreCo chooses among, per layer: what each sends and how much it errs.
 
 A level is a string: "none" (full precision), "powersgd:<rank>", "topk:<ratio>", or a quantizer
-("bf16", "fp16", "int8", "int4", "fp4_e2m1", "fp4_e3m0", "sign"). Its family says which collective
+("bf16", "fp16", "int8", "int4", "int2", "fp4_e2m1", "fp4_e3m0", "sign"). Its family says which collective
 carries it: quant and none a quantized allreduce (alltoall reduce-scatter + allgather of payloads),
 topk a compressed allgather, powersgd a PowerSGD allreduce (two allreduces of fp32 factors).
 
@@ -24,12 +24,12 @@ import torch
 from raylane.comm import Compressor, expected_bytes_sent
 from raylane.comm.compressors import Bf16, Fp16, Identity
 from raylane.comm.powersgd import PowerSGD
-from raylane.comm.quantizers import FP4Quantizer, IntQuantizer, SignQuantizer
+from raylane.comm.quantizers import FP4Quantizer, Int2Quantizer, IntQuantizer, SignQuantizer
 from raylane.comm.sparse import TopK, kept
 
 FAMILIES = ("powersgd", "topk", "quant", "mixed")
 QUANT_FORMATS = {"bf16": Bf16, "fp16": Fp16, "int8": lambda: IntQuantizer(8, 256),
-                 "int4": lambda: IntQuantizer(4, 128), "fp4_e2m1": lambda: FP4Quantizer("e2m1", 128),
+                 "int4": lambda: IntQuantizer(4, 128), "int2": lambda: Int2Quantizer(128), "fp4_e2m1": lambda: FP4Quantizer("e2m1", 128),
                  "fp4_e3m0": lambda: FP4Quantizer("e3m0", 128), "sign": lambda: SignQuantizer(256)}
 _COLLECTIVE = {"none": "quantized_allreduce", "quant": "quantized_allreduce", "topk": "compressed_allgather",
                "powersgd": "powersgd_allreduce"}

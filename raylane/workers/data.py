@@ -10,21 +10,22 @@ all ranks concatenated are the global batch — whatever W is.
 Datasets: `chars` (a character-level corpus: Python's `pydoc_data.topics` English text
 by default, or any UTF-8 text file via `data.path`), `synthetic` (a classification
 task labelled by a fixed random teacher network) and `digits` (scikit-learn's bundled
-8x8 handwritten digits: workers/digits.py). A dataset with `classification = True`
-also gets eval/accuracy.
+8x8 handwritten digits: workers/digits.py); whole graphs for full-graph GNN training: `csbm`,
+`karate`, `graph` (workers/graphs.py). A dataset with `classification = True` also gets eval/accuracy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from raylane.validation import ConfigError, check, one_of
+from raylane.workers.graphs import GRAPH_DATASETS, GraphConfig, build_graph
 
-DATASETS = ("chars", "synthetic", "digits")
+DATASETS = ("chars", "synthetic", "digits", *GRAPH_DATASETS)
 
 
 @dataclass
@@ -37,7 +38,8 @@ class DataConfig:
     eval_batches: int = 8              # eval batches (of batch_size) per evaluation, split over workers
     num_samples: int = 16384           # synthetic: training samples
     input_dim: int = 32                # synthetic: features
-    num_classes: int = 10              # synthetic: classes
+    num_classes: int = 10              # synthetic, csbm: classes
+    graph: GraphConfig = field(default_factory=GraphConfig)  # csbm | karate | graph: workers/graphs.py
 
     def validate(self, prefix: str) -> None:
         one_of(f"{prefix}.name", self.name, DATASETS)
@@ -48,7 +50,10 @@ class DataConfig:
         check(self.num_samples >= 2, f"{prefix}.num_samples", self.num_samples, "must be >= 2")
         check(self.input_dim >= 1, f"{prefix}.input_dim", self.input_dim, "must be >= 1")
         check(self.num_classes >= 2, f"{prefix}.num_classes", self.num_classes, "must be >= 2")
-        if self.path is not None:
+        self.graph.validate(f"{prefix}.graph")
+        if self.name == "graph":  # a folder: parsed here, so that a malformed file stops the run before Ray starts
+            build_graph(self.name, self.graph, self.path, self.num_classes, self.input_dim, 0)
+        elif self.path is not None:
             check(Path(self.path).is_file(), f"{prefix}.path", self.path, "must be a readable text file")
             if self.name == "chars":
                 check_corpus(read_corpus(self.path, f"{prefix}.path"), self.seq_len, self.eval_fraction,
@@ -167,6 +172,8 @@ class SyntheticClassification:
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    if cfg.name in GRAPH_DATASETS:
+        return build_graph(cfg.name, cfg.graph, cfg.path, cfg.num_classes, cfg.input_dim, seed)
     if cfg.name == "chars":
         text = read_corpus(cfg.path) if cfg.path else default_text()
         return CharCorpus(text, cfg.seq_len, cfg.eval_fraction)
@@ -192,11 +199,11 @@ class GlobalSampler:
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         """Training indices of global samples [start, start + count)."""
+        g = torch.arange(start, start + count)
+        epoch, pos = g // self.num_train, g % self.num_train
         out = torch.empty(count, dtype=torch.long)
-        for i, g in enumerate(range(start, start + count)):
-            epoch, pos = divmod(g, self.num_train)
-            if i == 0 or pos == 0:
-                perm = self._permutation(epoch)
-            out[i] = perm[pos]
+        for e in torch.unique(epoch).tolist():
+            mask = epoch == e
+            out[mask] = self._permutation(e)[pos[mask]]
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from raylane.validation import check, one_of
 
-MODELS = ("char_transformer", "mlp", "cnn")
+MODELS = ("char_transformer", "mlp", "cnn", "gcn", "sage", "gcnii")  # the last three: gnn_models.py
 
 
 @dataclass
@@ -29,6 +30,9 @@ class ModelConfig:
     dropout: float = 0.0
     hidden: list[int] = field(default_factory=lambda: [128, 128])   # mlp hidden widths
     channels: list[int] = field(default_factory=lambda: [16, 32])   # cnn: conv channels (each conv halves the side)
+    gnn_alpha: float = 0.1       # gcnii: initial-residual weight (n_layer = depth, d_model = width)
+    gnn_theta: float = 0.5       # gcnii: identity-mapping strength (beta_l = log(theta / l + 1))
+    gnn_residual: bool = True    # gcn, sage: h + ReLU(conv(h)) per layer (deep stacks train)
 
     def validate(self, prefix: str) -> None:
         one_of(f"{prefix}.name", self.name, MODELS)
@@ -40,6 +44,8 @@ class ModelConfig:
         check(all(h >= 1 for h in self.hidden), f"{prefix}.hidden", self.hidden, "widths must be >= 1")
         check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), f"{prefix}.channels", self.channels,
               "must be a non-empty list of channel counts >= 1")
+        check(0 <= self.gnn_alpha <= 1, f"{prefix}.gnn_alpha", self.gnn_alpha, "must be in [0, 1]")
+        check(self.gnn_theta > 0, f"{prefix}.gnn_theta", self.gnn_theta, "must be > 0")
 
 
 class Block(nn.Module):
@@ -126,9 +132,25 @@ class CNN(nn.Module):
         return self.head(x.flatten(1))
 
 
-def build_model(cfg: ModelConfig, num_classes: int, input_dim: int, seq_len: int, seed: int) -> nn.Module:
-    """The same seed gives the same initial parameters in every process."""
+# Model families that build a part of the model (a stage's layers): name -> build(cfg, num_classes,
+# input_dim, part). A family registers itself here from its own module.
+_FAMILIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_family(name: str, build: Callable[..., nn.Module]) -> None:
+    if name in _FAMILIES:
+        raise KeyError(f"model family {name!r} is registered twice")
+    _FAMILIES[name] = build
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_dim: int, seq_len: int, seed: int,
+                part: Any = None) -> nn.Module:
+    """The same seed gives the same initial parameters in every process. `part` (from the
+    strategy's layout) says which part a rank builds; None: the whole model."""
     torch.manual_seed(seed)
+    if cfg.name in _FAMILIES:
+        return _FAMILIES[cfg.name](cfg, num_classes, input_dim, part)
+    assert part is None, f"model {cfg.name!r} has no parts (got {part!r})"
     if cfg.name == "char_transformer":
         check(input_dim == 0, "model.name", cfg.name, "needs token data (data.name=chars)")
         return CharTransformer(num_classes, seq_len, cfg)
@@ -140,3 +162,13 @@ def build_model(cfg: ModelConfig, num_classes: int, input_dim: int, seq_len: int
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _register_gnn() -> None:
+    from raylane.workers.gnn_models import GNN_MODELS, build_gnn
+
+    for name in GNN_MODELS:
+        register_family(name, build_gnn)
+
+
+_register_gnn()

@@ -1,0 +1,89 @@
+"""Run a full-graph GNN strategy's real workers (TrainWorker, no Ray) as W spawned processes.
+
+`run_workers(cfg, epochs)` starts one process per rank, each a `raylane.workers.worker.TrainWorker`
+joined to a Gloo group (and the strategy's named groups) through a TCPStore hosted here, runs
+`epochs` train steps (one per epoch) and an evaluation, and returns per rank: the step results,
+the first epoch's gradients, the evaluation, the wall time of each epoch (after a barrier) and the
+Communicator's byte counters. The driver half's `summarise` is applied as the coordinator would.
+Processes are always reaped; a rank that fails or runs past `timeout_s` fails the call.
+Used by benchmarks/gnn.py and tests/test_gnn_strategies.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import queue
+import time
+import traceback
+from typing import Any
+
+
+def _entry(cfg: Any, rank: int, world: int, port: int, epochs: int, lr: float, threads: int, out: Any) -> None:
+    try:
+        import torch
+
+        from raylane.workers.worker import TrainWorker
+
+        w = TrainWorker(cfg, rank, threads)
+        w.connect("127.0.0.1", port, 0, rank, world, "gloo", cfg.cluster.collective_timeout_s)
+        steps, grads, times = [], None, []
+        for e in range(epochs):
+            w.comm.barrier()
+            t0 = time.perf_counter()
+            steps.append(w.train_step(e, lr))
+            w.comm.barrier()
+            times.append(time.perf_counter() - t0)
+            if e == 0:
+                grads = {n: p.grad.detach().clone() for n, p in w.model.named_parameters() if p.grad is not None}
+        ev = w.evaluate(world)
+        # plain pickle: tensors travel inline (the queue's own pickler would share them through this process)
+        out.put((rank, "ok", pickle.dumps({"steps": steps, "grads": grads, "eval": ev, "epoch_s": times,
+                                           "part": w.part, "comm": w.comm.stats.as_dict()})))
+        del torch
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", traceback.format_exc()))
+
+
+def run_workers(cfg: Any, epochs: int, lr: float = 0.01, threads: int = 1, timeout_s: float = 120.0) -> list[dict]:
+    from raylane.comm import host_store
+    from raylane.strategies import get
+
+    world = cfg.cluster.num_workers
+    store = host_store("127.0.0.1", timeout_s)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(cfg, r, world, store.port, epochs, lr, threads, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world:
+            try:
+                rank, status, value = out.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks {dead or 'all'} died or timed out; got {sorted(results)}")
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        del store
+    ranks = [results[r] for r in range(world)]
+    driver = get(cfg.strategy.name).driver_cls(cfg.strategy, world)
+    for e in range(epochs):  # what the coordinator's round would log
+        step = [r["steps"][e] for r in ranks]
+        total = sum(s.pop("loss_part") for s in step)
+        for s in step:
+            s["loss"] = total
+        driver.summarise(step)
+    return ranks

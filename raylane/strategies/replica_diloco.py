@@ -1,0 +1,117 @@
+"""replica_diloco: DiLoCo / Streaming DiLoCo across multi-rank replicas (strategy `replica_diloco`).
+
+Each replica (R = cluster.ranks_per_replica ranks) takes its inner steps with its engine (torch inner
+ddp, or DeepSpeed ZeRO 0-3: replicas.py). The outer sync is diloco.py's, run shard by shard: local
+rank s keeps the global (outer) parameters, the outer momentum and the syncs in flight only for the
+slice of the fp32 master parameters it owns, and all-reduces that slice's outer gradient over the
+`outer` group (the rank s of every replica); the full model is never gathered on one rank for it.
+After a merge the engine publishes the new shards inside the replica (an inner all-gather, counted
+as comm/inner; ZeRO-3 only writes its partition). Streaming fragments are cut along the same
+shards (a rank syncs the part of fragment p it owns); with ZeRO-3 the partition is not a slice of
+the parameter vector, so fragments must be 1 (a config error otherwise).
+
+Keys: one state per (replica, shard): `replica_<q>_shard_<s>`. Replicas differ, so recovery restores
+the newest checkpoint (as diloco). The evaluation view is "global" (the outer parameters, published
+into the replica for the duration). Metrics as diloco's (diloco/bytes_this_step: this rank's outer
+payload, i.e. its shard's), plus the engine metrics of replicas.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from raylane.strategies.base import Layout, WorkerContext, register
+from raylane.strategies.diloco import DiLoCoConfig, DiLoCoDriver, DiLoCoWorker
+from raylane.strategies.diloco_fragments import SyncSchedule, split_parameters
+from raylane.strategies.diloco_outer import OuterSync
+from raylane.strategies.replica_engine import owned_pieces
+from raylane.strategies.replicas import ReplicaWorker, bind_cluster, check_engine, replica_layout
+from raylane.validation import check
+
+
+@dataclass
+class ReplicaDiLoCoConfig(DiLoCoConfig):
+    name: str = "replica_diloco"
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int = 1  # deepspeed's ZeRO stage, 0-3
+    ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
+    eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        check_engine(self, prefix)
+        check(not (self.engine == "deepspeed" and self.zero_stage == 3 and self.fragments > 1),
+              f"{prefix}.fragments", self.fragments, "must be 1 with engine=deepspeed zero_stage=3 (a ZeRO-3 "
+              "partition is not a slice of the parameter vector); use zero_stage <= 2 for streaming")
+
+    def check_run(self, run: Any) -> None:
+        super().check_run(run)
+        bind_cluster(self, run)
+
+
+class ReplicaDiLoCoWorker(ReplicaWorker):
+    replicas_identical = False
+    failed_step_keeps_state = False  # inner steps are local: a failed outer sync leaves them applied
+    eval_views = ("global",)
+
+    # diloco's outer bookkeeping, unchanged: it works on `self.schedule` and `self.outer`
+    _outer_step = DiLoCoWorker._outer_step
+
+    def __init__(self, cfg: ReplicaDiLoCoConfig, ctx: WorkerContext):
+        super().__init__(cfg, ctx)
+        owned = self.engine.owned
+        if owned[0].flat is None:  # ZeRO-3: the whole partition is the one fragment
+            parts = [[(f"partition{i}", s.master) for i, s in enumerate(owned)]]
+        else:
+            fragments = split_parameters(ctx.model, cfg.fragments, cfg.fragment_pattern)
+            parts = [[piece for shard in owned for piece in owned_pieces(shard, frag)] for frag in fragments]
+        self.schedule = SyncSchedule(cfg.sync_every, cfg.fragments, cfg.overlap_steps)
+        compressor = cfg.compression.build(rank=ctx.rank, prefix="strategy.compression")
+        self.outer = OuterSync(parts, cfg, compressor, ctx.comms["outer"])
+        self.step, self.bytes_total, self.peak_bytes_step = 0, 0, 0
+
+    @classmethod
+    def layout(cls, cfg: ReplicaDiLoCoConfig, world_size: int) -> Layout:
+        return replica_layout(world_size, cfg.ranks_per_replica, lambda q, s: f"replica_{q}_shard_{s}")
+
+    def train_step(self, batch: Any, lr: float) -> dict[str, float]:
+        loss, norm = self.engine.train_step(batch, lr)
+        self.step += 1
+        metrics = {"loss": loss, "grad_norm": norm, "diloco/drift": self.outer.drift()}
+        metrics.update(self._outer_step(self.step))
+        if metrics["diloco/merged"]:
+            self.engine.publish()
+        metrics.update(self.engine_metrics())
+        return metrics
+
+    def finish_syncs(self) -> dict[str, float]:
+        """diloco's, then publish the merged shards inside the replica."""
+        out = DiLoCoWorker.finish_syncs(self)
+        if out["diloco/merged"]:
+            self.engine.publish()
+        return out
+
+    @contextlib.contextmanager
+    def eval_parameters(self, view: str = "global") -> Iterator[None]:
+        try:
+            with self.outer.swapped(view):
+                self.engine.publish()
+                yield
+        finally:
+            self.engine.publish()
+
+    def set_comm(self, comm: Any) -> None:
+        super().set_comm(comm)
+        self.outer.set_comm(self.ctx.comms["outer"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**DiLoCoWorker.state_dict(self), "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        DiLoCoWorker.load_state_dict(self, state)
+
+
+register("replica_diloco", ReplicaDiLoCoConfig, ReplicaDiLoCoWorker, DiLoCoDriver)

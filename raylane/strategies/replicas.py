@@ -1,0 +1,148 @@
+"""Multi-rank replicas: R = `cluster.ranks_per_replica` ranks train one replica together with an inner
+engine (`strategy.engine`: torch | deepspeed, `strategy.zero_stage` 0-3 for deepspeed), and an outer
+strategy syncs the replicas. This module holds what both outer strategies share, and `hsdp`.
+
+Layout (rank r = replica r // R, local rank r % R): groups `inner` (the R ranks of each replica) and
+`outer` (the ranks with the same local rank in every replica). Each local rank owns one shard of the
+replica's fp32 master parameters (replica_engine.py) and syncs only that shard across replicas.
+The layout is not elastic: a lost rank must be replaced (a replica keeps its R ranks).
+`cluster.ranks_per_replica` reaches the strategy config (`ranks_per_replica`, not a user key)
+through `check_run` at validation, because a layout sees only the strategy config.
+
+`hsdp`: ddp across replicas, HSDP-like. Every step's gradient is the mean over all ranks: averaged
+inside the replica by the engine, then the owned shard is all-reduced across replicas (engine=torch:
+inner reduce-scatter, outer all-reduce, inner all-gather; deepspeed: an optimizer pre-step hook on
+the partition DeepSpeed has just reduced). Replicas stay identical: one state key per shard
+(`shard_<s>`) with ZeRO >= 1, else `replica`.
+Caveat (deepspeed): a rank lost inside DeepSpeed's post-step all-gather leaves its replica-mates'
+partitions stepped; recovery copies the live replica's state only to the replaced rank.
+Metrics (rank 0's): deepspeed/bytes_sent (DeepSpeed's own traffic, estimated: replica_deepspeed.py),
+engine/optimizer_state_bytes (the optimizer's state tensors on this rank), engine/master_bytes
+(DeepSpeed's fp32 master partition), engine/peak_rss_bytes.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from raylane.strategies.base import Layout, WorkerContext, WorkerStrategy, register
+from raylane.strategies.replica_engine import ENGINES, ZERO_STAGES, build_engine
+from raylane.validation import check, one_of
+
+
+def check_engine(cfg: Any, prefix: str) -> None:
+    one_of(f"{prefix}.engine", cfg.engine, ENGINES)
+    one_of(f"{prefix}.zero_stage", cfg.zero_stage, ZERO_STAGES)
+
+
+def bind_cluster(cfg: Any, run: Any) -> None:
+    """Record the run's replica shape in the strategy config (the layout sees only that)."""
+    cfg.ranks_per_replica = run.cluster.ranks_per_replica
+    cfg.eval_batches = run.data.eval_batches
+    if cfg.engine == "deepspeed":
+        import importlib.util
+
+        check(importlib.util.find_spec("deepspeed") is not None, "strategy.engine", cfg.engine,
+              "needs the deepspeed package (a raylane dependency): pip install deepspeed==0.19.8")
+
+
+def replica_layout(world_size: int, ranks_per_replica: int, key: Callable[[int, int], str]) -> Layout:
+    """inner/outer groups for replicas of R ranks; `key(replica, local_rank)` names each rank's state."""
+    r = ranks_per_replica
+    if world_size % r:
+        raise ValueError(f"a world of {world_size} ranks is not whole replicas of {r} ranks")
+    inner = tuple(tuple(range(i * r, (i + 1) * r)) for i in range(world_size // r))
+    outer = tuple(tuple(range(s, world_size, r)) for s in range(r))
+    keys = tuple(key(q // r, q % r) for q in range(world_size))
+    return Layout(keys, (None,) * world_size, {"inner": inner, "outer": outer}, elastic=False)
+
+
+def sharded(cfg: Any) -> bool:
+    """Whether the local ranks of a replica hold different state (ZeRO >= 1 shards the optimizer)."""
+    return cfg.engine == "deepspeed" and cfg.zero_stage >= 1
+
+
+class ReplicaWorker(WorkerStrategy):
+    """A rank of a multi-rank replica: builds the inner engine over `ctx.comms["inner"]`."""
+
+    hosts_replicas: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, ctx: WorkerContext):
+        super().__init__(cfg, ctx)
+        self.replica = ctx.rank // cfg.ranks_per_replica
+        self.engine = build_engine(cfg.engine, cfg.zero_stage, ctx, ctx.comms["inner"], self.replica)
+
+    def set_comm(self, comm: Any) -> None:
+        super().set_comm(comm)
+        self.replica = self.ctx.rank // self.cfg.ranks_per_replica
+        self.engine.replica = self.replica
+        self.engine.set_comm(self.ctx.comms["inner"], self.ctx.store)
+
+    def engine_metrics(self) -> dict[str, float]:
+        return {"deepspeed/bytes_sent": self.engine.extra_bytes_sent(),
+                "engine/optimizer_state_bytes": self.engine.optimizer_state_bytes(),
+                "engine/master_bytes": self.engine.master_bytes(),
+                "engine/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]] | None:
+        """ZeRO-3 gathers parameters inside every forward: the ranks of a replica evaluate the same
+        batches (the replica's share) in lock step and only local rank 0 counts them. Otherwise None:
+        the worker's own loop."""
+        if not (self.cfg.engine == "deepspeed" and self.cfg.zero_stage == 3):
+            return None
+        ctx, r = self.ctx, self.cfg.ranks_per_replica
+        counts = ctx.rank % r == 0
+        bs = ctx.batch(0)[1].shape[0]
+        out: dict[str, tuple[float, int]] = {}
+        for view in self.eval_views:
+            total, count = 0.0, 0
+            with self.eval_parameters(view), torch.no_grad():
+                for i in range(self.replica, self.cfg.eval_batches, max(1, num_shards // r)):
+                    total += ctx.loss(ctx.data.eval_batch(i, bs)).item()
+                    count += 1
+            out[view] = (total, count) if counts else (0.0, 0)
+            if getattr(ctx.data, "classification", False):
+                raise NotImplementedError("eval/accuracy with zero_stage=3 is not implemented; use a "
+                                          "language-model dataset (data=chars) or zero_stage <= 2")
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+
+
+@dataclass
+class HSDPConfig:
+    name: str = "hsdp"
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int = 1  # deepspeed's ZeRO stage, 0-3
+    ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
+    eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
+
+    def validate(self, prefix: str) -> None:
+        check_engine(self, prefix)
+
+    def check_run(self, run: Any) -> None:
+        bind_cluster(self, run)
+
+
+class HSDPWorker(ReplicaWorker):
+    replicas_identical = True
+
+    @classmethod
+    def layout(cls, cfg: HSDPConfig, world_size: int) -> Layout:
+        return replica_layout(world_size, cfg.ranks_per_replica,
+                              (lambda q, s: f"shard_{s}") if sharded(cfg) else (lambda q, s: "replica"))
+
+    def train_step(self, batch: Any, lr: float) -> dict[str, float]:
+        loss, norm = self.engine.train_step(batch, lr, outer=self.ctx.comms["outer"])
+        return {"loss": loss, "grad_norm": norm, **self.engine_metrics()}
+
+
+register("hsdp", HSDPConfig, HSDPWorker)

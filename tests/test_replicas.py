@@ -1,0 +1,171 @@
+"""Multi-rank replicas (strategies hsdp and replica_diloco, engines torch and deepspeed): the layout,
+config errors, and equivalences on real TrainWorkers in plain processes over Gloo (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raylane import config
+from raylane.strategies import get
+from raylane.validation import ConfigError
+from tests.conftest import SMALL
+from benchmarks._replica_procs import train_ranks
+
+pytestmark = pytest.mark.timeout(240)
+
+SGD = ["optim.name=sgd", "optim.lr=0.1", "optim.schedule=constant", "optim.grad_clip=0"]
+
+
+def _cfg(tmp_path, *overrides: str):
+    return config.load([*SMALL, f"run.root={tmp_path}", *overrides])
+
+
+def _reference(cfg, steps: int) -> tuple[list[float], np.ndarray, float]:
+    """ddp over cluster.num_workers ranks, in one process: one optimizer step per global batch on the
+    mean of the ranks' losses (equal slices, so the mean gradient is ddp's averaged gradient).
+    Returns the loss curve, the final flat parameters and their mean eval loss."""
+    from raylane.workers.optim import lr_at
+    from raylane.workers.worker import TrainWorker
+
+    ref_cfg = _with(cfg, strategy=get("ddp").config_cls())
+    w = TrainWorker(ref_cfg, 0)
+    world, bs, losses = cfg.cluster.num_workers, cfg.data.batch_size, []
+    for step in range(1, steps + 1):
+        offset = (step - 1) * world * bs
+        w.optimizer.zero_grad()
+        parts = [w._loss(w.data.train_batch(w.sampler.indices(offset + r * bs, bs))) for r in range(world)]
+        loss = torch.stack(parts).mean()
+        loss.backward()
+        for g in w.optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.train.steps, cfg.optim)
+        w.optimizer.step()
+        losses.append(loss.item())
+    w.model.eval()
+    with torch.no_grad():
+        eval_loss = float(np.mean([w._loss(w.data.eval_batch(i, bs)).item() for i in range(cfg.data.eval_batches)]))
+    return losses, torch.cat([p.detach().reshape(-1) for p in w.model.parameters()]).numpy(), eval_loss
+
+
+def _with(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def _mean_curve(results: list[dict]) -> np.ndarray:
+    return np.mean([r["losses"] for r in results], axis=0)
+
+
+# -- layout and config (no processes) ---------------------------------------------------------
+def test_layout_has_inner_groups_per_replica_and_outer_groups_per_local_rank(tmp_path):
+    cfg = _cfg(tmp_path, "strategy=replica_diloco", "cluster.num_workers=6", "cluster.ranks_per_replica=3",
+               "strategy.engine=deepspeed")
+    layout = get("replica_diloco").worker_cls.layout(cfg.strategy, 6)
+    assert layout.groups == {"inner": ((0, 1, 2), (3, 4, 5)), "outer": ((0, 3), (1, 4), (2, 5))}
+    assert layout.state_keys[4] == "replica_1_shard_1" and not layout.elastic
+    hsdp = _cfg(tmp_path, "strategy=hsdp", "cluster.ranks_per_replica=2", "strategy.engine=deepspeed")
+    assert get("hsdp").worker_cls.layout(hsdp.strategy, 4).state_keys == ("shard_0", "shard_1") * 2
+    plain = _cfg(tmp_path, "strategy=hsdp", "cluster.ranks_per_replica=2")  # engine=torch: replicated state
+    assert get("hsdp").worker_cls.layout(plain.strategy, 4).state_keys == ("replica",) * 4
+    assert _cfg(tmp_path, "strategy=ddp").cluster.replicas == 4  # the flat default: 4 replicas x 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.ranks_per_replica=3"], "cluster.ranks_per_replica=3: must be >= 1 and divide cluster.num_workers=4"),
+    (["strategy=diloco", "cluster.ranks_per_replica=2"], "multi-rank replicas need strategy=hsdp"),
+    (["strategy=robust", "+strategy.engine=deepspeed"], "strategy=robust can't host an inner engine"),
+    (["strategy=hsdp", "strategy.zero_stage=4"], "strategy.zero_stage=4: choose one of [0, 1, 2, 3]"),
+    (["strategy=hsdp", "strategy.engine=fsdp"], "strategy.engine='fsdp': choose one of ['torch', 'deepspeed']"),
+    (["strategy=replica_diloco", "strategy.engine=deepspeed", "strategy.zero_stage=3", "strategy.sync_every=4",
+      "strategy.fragments=2"], "strategy.fragments=2: must be 1 with engine=deepspeed zero_stage=3"),
+])
+def test_bad_replica_config_is_one_line(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# -- equivalences on plain processes ----------------------------------------------------------
+def test_replica_diloco_deepspeed_zero1_with_h1_equals_ddp_over_all_ranks(tmp_path):
+    """2 replicas x 2 ranks, ZeRO-1 inside, DiLoCo H=1 with outer SGD lr=1 (no momentum) across:
+    each outer step sets the parameters to the replicas' mean, which with inner SGD is ddp's step."""
+    cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
+               "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
+               "strategy.zero_stage=1")
+    results = train_ranks(cfg, 4)
+    losses, params, _ = _reference(cfg, 4)
+    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
+    for r in results:
+        np.testing.assert_allclose(r["params"], params, atol=1e-5)
+    m = results[0]["metrics"]
+    n = params.size
+    assert m["diloco/bytes_this_step"] == 4 * n // 2  # rank 0 sent the outer gradient of its half only
+    assert m["engine/optimizer_state_bytes"] == 0 and m["engine/master_bytes"] == 4 * n // 2  # SGD; fp32 half
+    # DeepSpeed's own traffic on the replica (ZeRO-1: gradient all-reduce + parameter all-gather)
+    assert m["deepspeed/bytes_sent"] == pytest.approx(4 * n * (2 * 1 / 2) + 4 * n / 2, rel=0.01)
+
+
+def test_replica_diloco_deepspeed_zero3_with_h1_equals_ddp_and_evaluates_in_lock_step(tmp_path):
+    """ZeRO-3 keeps only partitions: the outer step writes the fp32 partition back, and evaluation
+    (every rank of a replica running the same batches, local rank 0 counting) scores ddp's model."""
+    cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
+               "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
+               "strategy.zero_stage=3")
+    results = train_ranks(cfg, 3)
+    losses, _, eval_loss = _reference(cfg, 3)
+    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
+    total, count = (sum(r["eval"]["global"][i] for r in results) for i in (0, 1))
+    assert count == cfg.data.eval_batches  # each batch counted once, by one replica's local rank 0
+    assert total / count == pytest.approx(eval_loss, rel=1e-5)
+
+
+def test_engine_torch_and_deepspeed_give_the_same_loss_curve_across_a_regroup(tmp_path):
+    """20 AdamW steps of one 2-rank replica (hsdp): inner ddp vs DeepSpeed ZeRO-2. The DeepSpeed run
+    re-forms its groups after step 10 (a new generation: the engine is rebuilt over the new default
+    group and keeps its optimizer state), as after a fault."""
+    common = ["strategy=hsdp", "cluster.num_workers=2", "cluster.ranks_per_replica=2", "optim.schedule=constant"]
+    torch_run = train_ranks(_cfg(tmp_path, *common), 20)
+    ds_run = train_ranks(_cfg(tmp_path, *common, "strategy.engine=deepspeed", "strategy.zero_stage=2"), 20,
+                         regen_at=10)
+    np.testing.assert_allclose(_mean_curve(ds_run), _mean_curve(torch_run), rtol=1e-4)
+    np.testing.assert_allclose(ds_run[0]["params"], torch_run[0]["params"], atol=1e-4)
+    n = torch_run[0]["params"].size
+    assert torch_run[0]["metrics"]["engine/optimizer_state_bytes"] == 2 * 4 * n  # AdamW's two moments, replicated
+    # ZeRO-2: this rank's half of both moments, and of DeepSpeed's fp32 master copy
+    assert ds_run[0]["metrics"]["engine/optimizer_state_bytes"] == pytest.approx(2 * 4 * n / 2, rel=0.01)
+    assert ds_run[0]["metrics"]["engine/master_bytes"] == pytest.approx(4 * n / 2, rel=0.01)
+
+
+def test_streaming_replica_diloco_cuts_fragments_along_shards_alike_for_torch_and_deepspeed(tmp_path):
+    """Streaming DiLoCo (P=2 fragments, H=4, tau=1) across 2 replicas x 2 ranks: each rank syncs the
+    part of each fragment that lies in its shard. The torch engine's shards (halves of a flat buffer)
+    and DeepSpeed ZeRO-1's partitions cut the model differently; the outer step is elementwise, so
+    both must give the same run."""
+    common = ["strategy=replica_diloco", "cluster.ranks_per_replica=2", "model.n_layer=2", "strategy.sync_every=4",
+              "strategy.fragments=2", "strategy.overlap_steps=1", "optim.schedule=constant"]
+    torch_run = train_ranks(_cfg(tmp_path, *common), 8)
+    ds_run = train_ranks(_cfg(tmp_path, *common, "strategy.engine=deepspeed", "strategy.zero_stage=1"), 8)
+    np.testing.assert_allclose(_mean_curve(ds_run), _mean_curve(torch_run), rtol=1e-4)
+    for a, b in zip(ds_run, torch_run):
+        np.testing.assert_allclose(a["params"], b["params"], atol=1e-4)  # the global (outer) parameters
+    n = torch_run[0]["params"].size
+    sent = [sum(s["diloco/bytes_this_step"] for s in r["steps"]) for r in torch_run]
+    assert sum(sent) == 4 * n * 2 * 2  # every element synced twice (steps 2..8), each by one rank per replica
+
+
+def test_replicas_benchmark_claims_are_computed_from_its_rows():
+    from benchmarks.replicas import H, SYSTEMS, claims_for
+
+    rows = [{"system": s, "inner_bytes_per_step": 100.0 * H * 4, "outer_bytes_per_step": 100.0,
+             "optimizer_state_bytes_per_rank": 1000.0 if s == "hsdp zero0" else 500.0, "step_time_s": 1.0}
+            for s in SYSTEMS]
+    assert all(c["holds"] for c in claims_for(rows))
+    rows[2]["optimizer_state_bytes_per_rank"] = 1000.0  # ZeRO-1 no longer shards its optimizer state
+    rows[0]["step_time_s"] = 0.1  # engine=torch 10x faster than ZeRO-1
+    failed = [c["claim"] for c in claims_for(rows) if not c["holds"]]
+    assert failed == ["ZeRO-1 optimizer state per rank / ZeRO-0's", "step time DeepSpeed ZeRO-1 / engine=torch"]
+    for r in rows:
+        r["inner_bytes_per_step"] = 100.0 * H * 2
+    assert [c["holds"] for c in claims_for(rows)][:2] == [True, False]  # fp32 needs >= H, int8 >= 4 x H
