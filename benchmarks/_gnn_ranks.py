@@ -11,12 +11,12 @@ Used by benchmarks/gnn.py and tests/test_gnn_strategies.py.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import pickle
-import queue
 import time
 import traceback
 from typing import Any
+
+from benchmarks._spawn import spawn_ranks
 
 
 def _entry(cfg: Any, rank: int, world: int, port: int, epochs: int, lr: float, threads: int, out: Any) -> None:
@@ -51,34 +51,12 @@ def run_workers(cfg: Any, epochs: int, lr: float = 0.01, threads: int = 1, timeo
 
     world = cfg.cluster.num_workers
     store = host_store("127.0.0.1", timeout_s)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(cfg, r, world, store.port, epochs, lr, threads, out), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < world:
-            try:
-                rank, status, value = out.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"ranks {dead or 'all'} died or timed out; got {sorted(results)}")
-                continue
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = pickle.loads(value)
+        values = spawn_ranks(_entry, [(cfg, r, world, store.port, epochs, lr, threads) for r in range(world)],
+                             timeout_s, error=RuntimeError)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
         del store
-    ranks = [results[r] for r in range(world)]
+    ranks = [pickle.loads(v) for v in values]
     driver = get(cfg.strategy.name).driver_cls(cfg.strategy, world)
     for e in range(epochs):  # what the coordinator's round would log
         step = [r["steps"][e] for r in ranks]

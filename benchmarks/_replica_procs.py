@@ -9,12 +9,10 @@ generation 1 (the groups re-formed in the same processes, as after a fault) and 
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import time
 import traceback
 from typing import Any
 
+from benchmarks._spawn import spawn_ranks
 from raylane.comm.process_group import host_store
 
 
@@ -45,31 +43,7 @@ def _entry(cfg: Any, rank: int, port: int, steps: int, regen_at: int | None, out
 def train_ranks(cfg: Any, steps: int, regen_at: int | None = None, timeout_s: float = 120.0) -> list[dict]:
     world = cfg.cluster.num_workers
     store = host_store("127.0.0.1", timeout_s)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(cfg, r, store.port, steps, regen_at, out), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < world:
-            try:
-                rank, status, value = out.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead or time.monotonic() > deadline:
-                    raise AssertionError(f"ranks {dead or 'all'} died or timed out; got {sorted(results)}")
-                continue
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+        return spawn_ranks(_entry, [(cfg, r, store.port, steps, regen_at) for r in range(world)], timeout_s)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
         del store
-    return [results[r] for r in range(world)]

@@ -7,11 +7,9 @@ Communicator over a fresh ProcessGroupGloo) and returns the results by rank.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import time
 import traceback
 
+from benchmarks._spawn import spawn_ranks
 from raylane.comm.process_group import connect, host_store
 
 
@@ -28,30 +26,7 @@ def _entry(fn, rank, world, port, timeout_s, args, out):
 
 def run_ranks(fn, world: int, *args, timeout_s: float = 60.0) -> list:
     store = host_store("127.0.0.1", timeout_s)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, store.port, timeout_s, args, out), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, object] = {}
-    deadline = time.monotonic() + timeout_s + 30
     try:
-        while len(results) < world:
-            try:
-                rank, status, value = out.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead or time.monotonic() > deadline:
-                    raise AssertionError(f"ranks {dead or 'all'} died or timed out; got {sorted(results)}")
-                continue
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+        return spawn_ranks(_entry, [(fn, r, world, store.port, timeout_s, args) for r in range(world)], timeout_s + 30)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
         del store
-    return [results[r] for r in range(world)]
