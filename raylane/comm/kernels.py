@@ -139,7 +139,25 @@ def _int_decode_fused(codes, scales, bits: int, out, accumulate: bool) -> None:
     out.copy_(out + y if accumulate else y)
 
 
-_FUSED = {"int_encode": _int_encode_fused, "fp4_encode": _fp4_encode_fused, "int_decode": _int_decode_fused}
+def _fp4_pairs_fused(codes, t: int, a: int, s: int, b: int, dst) -> None:
+    """Each byte of packed fp4 codes -> the fp32 bits of its two values as one int64 (low nibble's value
+    in the low half), computed in both halves at once (`fp4_bits`); contiguous loads and stores only."""
+    ones, lo3 = 0x0000000100000001, 0x0000000700000007
+    c = codes.to(torch.int32).to(torch.int64)
+    x = (c & 15) | ((c >> 4) << 32)  # one nibble per 32-bit half
+    mag = x & lo3
+    big = (((mag + (8 - t) * ones) >> 3) & ones) * 0xFFFFFFFF  # all ones in a half where mag >= t
+    small = ((mag & ((t - 1) * ones)) * b) & ~big
+    dst.copy_((((mag + a * ones) << s) & big) | small | ((x & (8 * ones)) << 28))
+
+
+def _scale_fused(q, scales, out, accumulate: bool) -> None:
+    y = q * scales.unsqueeze(1)
+    out.copy_(out + y if accumulate else y)
+
+
+_FUSED = {"int_encode": _int_encode_fused, "fp4_encode": _fp4_encode_fused, "int_decode": _int_decode_fused,
+          "fp4_pairs": _fp4_pairs_fused, "scale": _scale_fused}
 
 
 # -- eager versions: the same math, op by op into the given buffers ----------------------------
@@ -211,11 +229,18 @@ def _fp4_encode_eager(x, gmax: float, table, shift: int, mask: int, scales_out, 
 
 
 def _lut_decode_eager(codes, scales, table256, out, accumulate: bool, scratch, iscratch) -> None:
-    """Packed nibbles through a 256-entry table of value pairs, times the block scales."""
+    """Packed nibbles through a 256-entry table of value pairs, times the block scales. The [256, 2]
+    fp32 table is gathered as 256 int64s (each the bits of one pair, low nibble's value first): one
+    8-byte gather per byte, written straight into `out` (or `scratch`, to accumulate), same bits."""
     idx = iscratch.view(-1)[:codes.numel()]
     idx.copy_(codes)
-    torch.index_select(table256.to(codes.device), 0, idx, out=scratch.view(-1, 2))
-    _scale_into(scratch.view(out.shape), scales, out, accumulate)
+    q = out if not accumulate and out.is_contiguous() else scratch.view(out.shape)
+    torch.index_select(table256.to(codes.device).view(torch.int64).view(-1), 0, idx,
+                       out=q.view(-1).view(torch.int64))
+    if q is out:
+        out.mul_(scales.unsqueeze(1))
+    else:
+        _scale_into(q, scales, out, accumulate)
 
 
 def _scale_into(q, scales, out, accumulate: bool) -> None:
@@ -280,11 +305,36 @@ def decode_int(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.
           lambda: _int_decode_eager(codes, scales, bits, out, accumulate, _t(scratch), _t(iscratch)))
 
 
+def fp4_bits(grid: list[float]) -> tuple[int, int, int, int] | None:
+    """(t, a, s, b): the fp32 bits of grid value m (m = 0..7) are (m + a) << s for m >= t, else m * b
+    (e2m1: (2, 252, 22, 126 << 23); e3m0: (1, 120, 23, 0)); None for a grid that fits neither.
+    Checked against the grid's own values, signed zeros included, for all 256 bytes."""
+    want = _pair_table(list(grid) + [-v for v in grid]).view(torch.int64).view(-1)
+    for p in ((2, 252, 22, 126 << 23), (1, 120, 23, 0)):
+        got = torch.empty(256, dtype=torch.int64)
+        _fp4_pairs_fused(torch.arange(256).to(torch.uint8), *p, got)
+        if torch.equal(got, want):
+            return p
+    return None
+
+
+_FP4_BITS: dict[tuple[float, ...], tuple[int, int, int, int] | None] = {}
+
+
 def decode_fp4(codes: torch.Tensor, scales: torch.Tensor, grid: list[float], out: torch.Tensor, accumulate: bool,
                scratch: torch.Tensor, iscratch: torch.Tensor) -> None:
+    """Compiled: the values' bits built from the nibbles (`fp4_bits`) into `out` (or the scratch, to
+    accumulate), then times the scales in a second pass; eager: the pair table (`_lut_decode_eager`)."""
     key = tuple(grid)
-    if key not in _PAIR_TABLES:
-        values = list(grid) + [-v for v in grid]
-        _PAIR_TABLES[key] = _pair_table(values)
-    # Always the eager table path: on CPU it beats inductor's scalar gathers (benchmarks/results/comm.md).
+    if key not in _FP4_BITS:  # the table first: a thread that sees the key finds both
+        _PAIR_TABLES[key] = _pair_table(list(grid) + [-v for v in grid])
+        _FP4_BITS[key] = fp4_bits(grid)
+    params = _FP4_BITS[key]
+    n = out.numel()
+    if params is not None and use_compiled(n, out.device):
+        q = out if not accumulate and out.is_contiguous() else _t(scratch).view(out.shape)
+        _call("fp4_pairs", n, (codes, *params, q.view(-1).view(torch.int64)), lambda: None)
+        if use_compiled(n, out.device):  # still compiled: pairs written
+            _call("scale", n, (q, scales, out, accumulate), lambda: _scale_into(q, scales, out, accumulate))
+            return
     _lut_decode_eager(codes, scales, _PAIR_TABLES[key], out, accumulate, _t(scratch), _t(iscratch))
