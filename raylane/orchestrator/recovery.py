@@ -24,9 +24,8 @@ from typing import Any
 
 import ray
 
-from raylane.strategies.base import Layout
-
 from raylane.orchestrator.worker_group import WorkerFailure
+from raylane.strategies.base import Layout
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +126,15 @@ class Recovery:
         if not joining:
             return
         coord, group = self.coord, self.coord.group
-        t0 = time.monotonic()
-        self.pending = [p for p in self.pending if p[1] not in ready_refs]
         joining = joining[:coord.cfg.cluster.num_workers - group.world_size]
+        if not joining:
+            return
         grown = coord.spec.worker_cls.layout(coord.cfg.strategy, group.world_size + len(joining))
         if peer_plan(grown, {r: coord.step for r in range(group.world_size)}) is None:
-            return  # a joining rank would hold state that no live rank has (e.g. its own replica)
+            return  # a joining rank would hold state no live rank has: they stay pending (abandon() reaps them)
+        t0 = time.monotonic()
+        joined = {id(a) for a, _ in joining}
+        self.pending = [p for p in self.pending if id(p[0]) not in joined]
         group.set_members(group.actors + [a for a, _ in joining],
                           group.addresses + [ray.get(ref) for _, ref in joining])
         group.form_group()
