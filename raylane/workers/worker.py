@@ -130,7 +130,7 @@ class TrainWorker:
     def train_step(self, sample_offset: int, lr: float) -> dict[str, float]:
         t0 = time.perf_counter()
         self._offset = sample_offset
-        wait_before = self.comm.stats.wait_s
+        wait_before = self._wait_s()
         self.model.train()
         batch = self.strategy.make_batch(sample_offset)
         metrics = self.strategy.train_step(batch, lr)
@@ -138,7 +138,7 @@ class TrainWorker:
         if "samples" not in metrics:
             metrics.update(samples=len(batch[1]), tokens=batch[1].numel())
         metrics.update(rank=self.rank, step_time_s=time.perf_counter() - t0,
-                       comm_wait_s=self.comm.stats.wait_s - wait_before, bytes_sent=sent, bytes_recv=recv,
+                       comm_wait_s=self._wait_s() - wait_before, bytes_sent=sent, bytes_recv=recv,
                        group_bytes_sent=self._group_bytes())
         return metrics
 
@@ -165,6 +165,10 @@ class TrainWorker:
         sent, recv = sent_all - self._counted[0], recv_all - self._counted[1]
         self._counted = (sent_all, recv_all)
         return sent, recv
+
+    def _wait_s(self) -> float:
+        """Seconds spent waiting on collectives so far, in every group of this generation."""
+        return sum(c.stats.wait_s for c in [self.comm, *self.comms.values()])
 
     def _group_bytes(self) -> dict[str, int]:
         """Training bytes sent per named group since the last step's report."""
