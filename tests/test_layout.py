@@ -105,3 +105,19 @@ def test_named_groups_are_formed_counted_and_kept_apart_from_evaluation(tmp_path
         # 4 bytes each way in a pair of Gloo ranks; evaluation's allreduce is not in the next step
         assert first["group_bytes_sent"] == {"pair": 4} and second["group_bytes_sent"] == {"pair": 4}
         assert first["bytes_sent"] == second["bytes_sent"] == 4  # the world group sent nothing
+
+
+def test_a_hang_fires_at_the_first_collective_of_a_named_group(tmp_path):
+    """The fault harness hooks every group of the generation, not only the world group: a strategy
+    whose traffic is all in named groups still meets `hang` (and `crash: collective`) faults."""
+    from raylane.workers.chaos import Directive
+
+    cfg = small_cfg(tmp_path, "strategy=ddp")
+    cfg.strategy.name = "_test_pairs"
+
+    def body(worker):
+        directive = Directive(hang_s=0.4) if worker.rank == 0 else None
+        return worker.run(directive, 1, "train_step", 0, 0.1)
+    results = _run_workers(cfg, 2, body)
+    assert results[0]["pair_sum"] == results[1]["pair_sum"] == 1.0
+    assert results[0]["step_time_s"] >= 0.4 and results[1]["comm_wait_s"] >= 0.3  # rank 1 waited in the pair

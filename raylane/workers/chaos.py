@@ -100,8 +100,9 @@ def corruption(mode: str, scale: float, seed: int) -> Callable[[torch.Tensor], t
     return corrupt
 
 
-def apply(directive: Directive, comm, seed: int, oracle: Oracle | None = None) -> None:
-    """Apply `directive` to this process and its Communicator (hooks last one step)."""
+def apply(directive: Directive, comms: list, seed: int, oracle: Oracle | None = None) -> None:
+    """Apply `directive` to this process and its Communicators: the world group's and the named
+    groups' (hooks last one step; a crash or hang fires at the first collective in any group)."""
     if directive.crash == "exit":
         os._exit(17)
     if directive.delay_s > 0:
@@ -110,17 +111,21 @@ def apply(directive: Directive, comm, seed: int, oracle: Oracle | None = None) -
         def in_collective(op: str) -> None:
             if directive.crash:
                 os._exit(17)
-            comm.before_op = None
+            for comm in comms:
+                comm.before_op = None
             time.sleep(directive.hang_s)
-        comm.before_op = in_collective
+        for comm in comms:
+            comm.before_op = in_collective
     if directive.byzantine in WIRE_MODES:
-        comm.outgoing = corruption(directive.byzantine, directive.byzantine_scale, seed)
+        for i, comm in enumerate(comms):
+            comm.outgoing = corruption(directive.byzantine, directive.byzantine_scale, seed + i)
     if directive.colluders:
-        comm.byzantine = ByzantineStep(directive.colluders, directive.byzantine, directive.epsilon, directive.z,
-                                       directive.target, oracle)
+        comms[0].byzantine = ByzantineStep(directive.colluders, directive.byzantine, directive.epsilon, directive.z,
+                                           directive.target, oracle)
 
 
-def clear(comm) -> None:
-    comm.before_op = None
-    comm.outgoing = None
-    comm.byzantine = None
+def clear(comms: list) -> None:
+    for comm in comms:
+        comm.before_op = None
+        comm.outgoing = None
+        comm.byzantine = None

@@ -95,7 +95,8 @@ class TrainWorker:
         """
         t0 = time.perf_counter()
         if directive:
-            chaos.apply(directive, self.comm, self.cfg.seed * 7919 + step, self.gradients_of)
+            chaos.apply(directive, [self.comm, *self.comms.values()], self.cfg.seed * 7919 + step,
+                        self.gradients_of)
         try:
             target = self if hasattr(type(self), method) else self.strategy
             result = getattr(target, method)(*args, **kwargs)
@@ -103,7 +104,7 @@ class TrainWorker:
             self._abort_comms()  # our peers blocked on us fail now, not at their collective timeout
             raise
         finally:
-            chaos.clear(self.comm)
+            chaos.clear([self.comm, *self.comms.values()])
         if method in self.strategy.update_methods:
             self.step = step
         if isinstance(result, dict) and "step_time_s" in result:
