@@ -28,3 +28,15 @@ def ray_cluster():
     start_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+def train_and_collect(cfg, method: str = "flat_parameters"):
+    """Run a Coordinator on `cfg` to its last step; (coordinator, every worker's `method()`), its actors stopped."""
+    from raylane.orchestrator.coordinator import Coordinator
+
+    coord = Coordinator(cfg)
+    try:
+        coord.train()
+        return coord, coord.group.get(coord.group.call(method))
+    finally:
+        coord.close()

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from raylane.comm import connect, host_store
-from raylane.orchestrator.coordinator import Coordinator
 from raylane.workers.optim import lr_at
 from raylane.workers.worker import TrainWorker
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
@@ -36,12 +35,7 @@ def small_cfg_like(cfg, batch_size: int):
 
 def test_ddp_on_4_workers_equals_single_process_on_concatenated_batches(ray_cluster, tmp_path):
     cfg = small_cfg(tmp_path, f"train.steps={STEPS}", "cluster.num_workers=4", "optim.warmup_steps=5")
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        params = coord.group.get(coord.group.call("flat_parameters"))
-    finally:
-        coord.close()
+    _, params = train_and_collect(cfg)
     for p in params[1:]:
         assert torch.equal(p, params[0]), "replicas diverged"
     reference = single_process_reference(cfg, 4)

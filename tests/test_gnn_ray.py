@@ -9,7 +9,7 @@ import torch
 
 from raylane import config
 from raylane.comm import wire
-from raylane.orchestrator.coordinator import Coordinator
+from tests.conftest import train_and_collect
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
@@ -21,12 +21,7 @@ def test_gnnpipe_trains_evaluates_and_recovers_a_lost_stage_from_its_checkpoint(
                        "train.eval_every=4", "checkpoint.every=2", "optim.warmup_steps=0", "optim.lr=0.03",
                        "logging=quiet", f"run.root={tmp_path}", "run.name=pipe",
                        "+faults.events=[{kind: crash, rank: 1, step: 5, mode: exit}]"])
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        parts = coord.group.get(coord.group.call("state_dict"))
-    finally:
-        coord.close()
+    _, parts = train_and_collect(cfg, "state_dict")
     # each rank holds its stage only: stage 0 the input projection, stage 1 the classifier
     keys = [set(p["replica"]["model"]) for p in parts]
     assert any(k.startswith("input.") for k in keys[0]) and not any(k.startswith("head.") for k in keys[0])

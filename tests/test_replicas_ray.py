@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 from tests.test_replicas import SGD, _reference
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
@@ -19,12 +18,7 @@ def test_hsdp_deepspeed_recovers_a_lost_rank_from_the_peer_replica_with_no_step_
     cfg = small_cfg(tmp_path, *SGD, "train.steps=6", "strategy=hsdp", "strategy.engine=deepspeed",
                     "strategy.zero_stage=1", "cluster.ranks_per_replica=2", "cluster.collective_timeout_s=5",
                     "cluster.replace_timeout_s=60", "+faults.events=[{kind: crash, rank: 2, step: 4, mode: exit}]")
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        params = coord.group.get(coord.group.call("flat_parameters"))
-    finally:
-        coord.close()
+    _, params = train_and_collect(cfg)
     _, expected, _ = _reference(cfg, 6)
     for p in params:
         np.testing.assert_allclose(p.numpy(), expected, atol=1e-5)

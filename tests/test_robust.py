@@ -70,18 +70,13 @@ def test_every_rank_applies_the_same_bits_and_flag_resists_ipm_that_breaks_the_m
 @pytest.mark.ray
 @pytest.mark.parametrize("layout,mode", [("workers", "alie"), ("driver", "label_flip")])
 def test_robust_on_ray_trains_digits_with_a_byzantine_worker(ray_cluster, tmp_path, layout, mode):
-    from raylane.orchestrator.coordinator import Coordinator
+    from tests.conftest import train_and_collect
 
     cfg = config.load([*DIGITS, f"run.root={tmp_path}", "cluster.num_workers=4", "strategy.f=1",
                        "strategy.aggregator=flag", f"strategy.aggregate_on={layout}", "train.steps=30",
                        "optim.lr=0.01", "data.eval_batches=23",
                        f"+faults.events=[{{kind: byzantine, rank: 3, step: 1, until: 100, mode: {mode}}}]"])
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        params = coord.group.get(coord.group.call("flat_parameters"))
-    finally:
-        coord.close()
+    coord, params = train_and_collect(cfg)
     assert all(torch.equal(p, params[0]) for p in params[1:])
     rows = [json.loads(line) for line in (coord.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "robust/aggregate_s" in r]
