@@ -25,8 +25,10 @@ $(DEV_STAMP): $(STAMP) pyproject.toml
 run: $(STAMP)
 	$(PY) -m raylane.train $(ARGS)
 
+# The tests compile the comm kernels into a cache inside the clone: a fresh clone starts cold, as CI does,
+# so a kernel that compiles only from an old cache entry in /tmp cannot pass here and fail there.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q tests
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor $(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs outputs .pytest_cache
+	rm -rf $(VENV) runs outputs .pytest_cache .cache

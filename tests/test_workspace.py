@@ -1,7 +1,9 @@
-"""Workspace buffers are rounded up so that a compiled kernel can take typed views of them: a
-quantized allreduce whose payload has an odd byte count keeps the torch.compile path (before the
-rounding, inductor refused the float32 scales view of the odd-sized byte buffer and the process
-fell back to the eager kernels for good)."""
+"""A quantized allreduce whose payload has an odd byte count keeps the torch.compile path: the encode
+kernels write block scales into a scratch buffer of their own (copied into the payload after), since a
+compiled kernel that writes an fp32 view and a byte view of one buffer fails to compile whenever the
+buffer's size is not a multiple of 4. Workspace buffers are also rounded up to 64 bytes, so typed views
+of them stay whole elements. Run with a cold inductor cache (`make test` keeps one per clone): an entry
+cached by an earlier build of the kernels can hide a compile failure."""
 
 import warnings
 

@@ -38,12 +38,16 @@ class BlockCodec:
     def _code_bytes(self, numel: int) -> int:
         return numel if self.bits == 8 else -(-numel // 2)
 
-    def _parts(self, buf: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(scales, codes, raw): scales as fp32, in place when the buffer is 4-byte aligned, else in a
-        scratch copy whose bytes `raw` (the buffer's) must be copied to / from."""
+    def _parts(self, buf: torch.Tensor, numel: int, write: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(scales, codes, raw): scales as fp32, read in place when the buffer is 4-byte aligned, else
+        in a scratch copy whose bytes `raw` (the buffer's) must be copied to / from. Scales to be
+        written always go through the scratch (1/block of the data): a kernel that writes an fp32 view
+        and a byte view of one buffer makes torch.compile merge them into one synthetic base, which
+        fails whenever the payload's size is not a multiple of 4 (an odd count of fp4 codes)."""
         nb = -(-numel // self.block)
         raw, codes = buf[:4 * nb], buf[4 * nb:4 * nb + self._code_bytes(numel)]
-        if raw.storage_offset() % 4 == 0:
+        if raw.storage_offset() % 4 == 0 and not write:
             return raw.view(torch.float32), codes, None
         return self._scratch("scales", nb, torch.float32, buf.device), codes, raw
 
@@ -53,7 +57,7 @@ class BlockCodec:
         n, b = src.numel(), self.block
         if n == 0:
             return
-        scales, codes, raw = self._parts(buf, n)
+        scales, codes, raw = self._parts(buf, n, write=True)
         full, rest = divmod(n, b)
         gen = self.c._generator(src.device)
         noise = None
