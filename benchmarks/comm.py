@@ -215,7 +215,7 @@ def _kernel_rows(numel: int, reps: int) -> list[dict]:
     rows = []
     try:
         for name, c in [("int8", IntQuantizer(8, 256)), ("int4", IntQuantizer(4, 256)),
-                        ("fp4_e3m0", FP4Quantizer("e3m0", 128))]:
+                        ("fp4_e2m1", FP4Quantizer("e2m1", 128)), ("fp4_e3m0", FP4Quantizer("e3m0", 128))]:
             for compiled in (True, False):
                 kernels.configure(compile=compiled, min_numel=1)
                 codec = BlockCodec(c, Workspace())

@@ -138,6 +138,33 @@ def test_fp4_code_table_puts_values_at_and_beside_every_midpoint_where_the_refer
         kernels.configure(compile=True, min_numel=1 << 20)
 
 
+def test_compiled_fp4_midpoint_compares_give_the_table_codes_for_random_bit_patterns():
+    """The compiled encode counts midpoints below |y| (`kernels._fp4_code`), the eager one looks codes up
+    by bits: same bytes for 64,512 values drawn uniformly over the fp32 bit patterns of [-8, 8] (denormals,
+    every binade of both grids, both signs), in blocks scaled by exactly 1."""
+    g, count = torch.Generator().manual_seed(11), 1024 * (BLOCK - 1)
+    bits = torch.randint(0, 0x41000001, (count,), generator=g, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32) * (torch.rand(count, generator=g) < 0.5).float().mul(2).sub(1)
+    try:
+        for fmt in ("e2m1", "e3m0"):
+            ref = FP4Quantizer(fmt, BLOCK)
+            body = values.clamp(-ref.grid[-1], ref.grid[-1]).view(-1, BLOCK - 1)
+            rows = torch.cat([torch.full((body.shape[0], 1), float(ref.grid[-1])), body], dim=1)
+            n, nb = rows.numel(), rows.shape[0]
+            got = {}
+            for compiled in (False, True):
+                kernels.configure(compile=compiled, min_numel=0)
+                scales, codes = torch.empty(nb), torch.empty(n // 2, dtype=torch.uint8)
+                kernels.encode_fp4(rows, ref.grid, scales, codes, torch.empty(n), torch.empty(n, dtype=torch.int32))
+                assert torch.equal(scales, torch.ones(nb)), fmt
+                got[compiled] = codes
+            assert torch.equal(got[True], got[False]), fmt
+            assert torch.equal(got[True], ref.compress(rows.reshape(-1)).parts["codes"]), fmt
+        assert kernels.configure()["compile"], "torch.compile failed and fell back to eager"
+    finally:
+        kernels.configure(compile=True, min_numel=1 << 20)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fp4_and_int4_decode_of_every_byte_gives_table_value_times_scale_bits(compiled):
     """Every packed byte, under scales that give denormals, overflow to inf, zeros and signed zeros,

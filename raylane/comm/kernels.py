@@ -65,7 +65,8 @@ def _call(name: str, numel: int, fused_args: tuple, eager: Callable[[], None]) -
         fn = _COMPILED.get(name)
         if fn is None:
             with _LOCK:
-                fn = _COMPILED.setdefault(name, torch.compile(_FUSED[name], dynamic=False, fullgraph=True))
+                fn = _COMPILED.setdefault(name, torch.compile(_FUSED[name], dynamic=False, fullgraph=True,
+                                                              options=_options(name)))
         for a in fused_args:  # sizes vary along dim 0 only; a static block size keeps the loops vectorized
             if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
@@ -118,16 +119,24 @@ def _int_encode_fused(x, qmax: float, noise, scales_out, codes_out, bits: int) -
     codes_out.copy_((lo + hi * 16).to(torch.uint8).reshape(-1))
 
 
-def _fp4_keys(y, shift: int, mask: int):
-    """Index into the fp4 code table (`fp4_table`) of each fp32 value, from its bits."""
-    return ((y.view(torch.int32) - 1) >> shift) & mask
+def _fp4_code(y, mids: tuple[float, ...]):
+    """fp4 code of each scaled value (int32): 8 for y < 0 (not for -0.0) plus the number of the 7 sorted
+    grid midpoints strictly below |y| (a tie goes to the lower code), the reference's rule. Counted by
+    a binary search, 3 compares against thresholds picked by blends, all of which vectorize (a code
+    table keyed on the bits, as the eager path uses, compiles to a scalar gather; 7 compares summed
+    cost ~20% more here)."""
+    a, m = y.abs(), mids
+    b2 = a > m[3]
+    b1 = a > torch.where(b2, m[5], m[1])
+    b0 = a > torch.where(b2, torch.where(b1, m[6], m[4]), torch.where(b1, m[2], m[0]))
+    i32 = torch.int32
+    return (y < 0).to(i32) * 8 + b2.to(i32) * 4 + b1.to(i32) * 2 + b0.to(i32)
 
 
-def _fp4_encode_fused(x, gmax: float, table, shift: int, mask: int, scales_out, codes_out) -> None:
+def _fp4_encode_fused(x, gmax: float, mids: tuple[float, ...], scales_out, codes_out) -> None:
     scales, even, odd = _scaled_halves(x, gmax)
     scales_out.copy_(scales)
-    lo, hi = table[_fp4_keys(even, shift, mask)], table[_fp4_keys(odd, shift, mask)]
-    codes_out.copy_((lo + hi * 16).to(torch.uint8).reshape(-1))
+    codes_out.copy_((_fp4_code(even, mids) + _fp4_code(odd, mids) * 16).to(torch.uint8).reshape(-1))
 
 
 def _int_decode_fused(codes, scales, bits: int, out, accumulate: bool) -> None:
@@ -158,6 +167,18 @@ def _scale_fused(q, scales, out, accumulate: bool) -> None:
 
 _FUSED = {"int_encode": _int_encode_fused, "fp4_encode": _fp4_encode_fused, "int_decode": _int_decode_fused,
           "fp4_pairs": _fp4_pairs_fused, "scale": _scale_fused}
+# fp4 encode's ~80 pointwise ops per output byte exceed inductor's CPU threshold (50) above which it
+# writes intermediates (each nibble's code, as fp32 at x's size) to memory and packs them in a third
+# pass; with it raised the codes stay in registers: the amax/amin pass plus one encode pass over x.
+_INDUCTOR_OPTIONS = {"fp4_encode": {"realize_cpu_opcount_threshold": 400}}
+
+
+def _options(name: str) -> dict | None:
+    """Inductor options of kernel `name` that this torch knows (an unknown one would fail the compile)."""
+    from torch._inductor import config
+
+    known = {k: v for k, v in _INDUCTOR_OPTIONS.get(name, {}).items() if hasattr(config, k)}
+    return known or None
 
 
 # -- eager versions: the same math, op by op into the given buffers ----------------------------
@@ -287,16 +308,21 @@ def encode_int(x: torch.Tensor, qmax: int, bits: int, noise: torch.Tensor | None
 def encode_fp4(x: torch.Tensor, grid: list[float], scales_out: torch.Tensor, codes_out: torch.Tensor,
                scratch: torch.Tensor, iscratch: torch.Tensor) -> None:
     """Scales (absmax / grid max) and 4-bit codes (sign bit 8 + nearest grid index, lower on ties), packed;
-    codes looked up by the scaled value's bits (`fp4_table`)."""
-    mids, gmax = [(a + b) / 2 for a, b in zip(grid, grid[1:])], float(grid[-1])
-    key = (tuple(mids), str(x.device))
-    if key not in _FP4_TABLES:
-        table, shift, mask = fp4_table(mids)
-        _FP4_TABLES[key] = (table.to(x.device), shift, mask)
-    table, shift, mask = _FP4_TABLES[key]
-    _call("fp4_encode", x.numel(), (x, gmax, table, shift, mask, scales_out, codes_out),
-          lambda: _fp4_encode_eager(x, gmax, table, shift, mask, scales_out, codes_out, _t(scratch).view(x.shape),
-                                    _t(iscratch)))
+    compiled: codes from compares against the grid midpoints (`_fp4_code`); eager: looked up by the
+    scaled value's bits (`fp4_table`). Same codes (tests/test_kernels.py)."""
+    mids, gmax = tuple((a + b) / 2 for a, b in zip(grid, grid[1:])), float(grid[-1])
+    if len(mids) != 7 or list(mids) != sorted(mids):
+        raise ValueError(f"fp4 grid {grid}: must be 8 ascending values (3-bit magnitudes)")
+
+    def eager() -> None:
+        key = (mids, str(x.device))
+        if key not in _FP4_TABLES:
+            table, shift, mask = fp4_table(list(mids))
+            _FP4_TABLES[key] = (table.to(x.device), shift, mask)
+        table, shift, mask = _FP4_TABLES[key]
+        _fp4_encode_eager(x, gmax, table, shift, mask, scales_out, codes_out, _t(scratch).view(x.shape), _t(iscratch))
+
+    _call("fp4_encode", x.numel(), (x, gmax, mids, scales_out, codes_out), eager)
 
 
 def decode_int(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor, accumulate: bool,
