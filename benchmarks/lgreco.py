@@ -5,8 +5,9 @@ optimizer and seed for every system; repeated with seeds 0, 1, 2, ... interleave
 once per seed, in turn):
 1. ddp (fp32 gradient all-reduce every step);
 2. uniform levels, through the same `lgreco` code with `adaptive: false` (same warm-up, same
-   per-layer error feedback, same small-layer threshold): PowerSGD rank 2 and 3, top-k 1%, int4,
-   int2 and sign (the levels below int4 L-GreCo's quant family may pick or could be compared with);
+   per-layer error feedback, same small-layer threshold): PowerSGD rank 1, 2 and 3, top-k 0.5% and 1%,
+   int4, int2 and sign (every family's default and the cheaper levels its L-GreCo may pick, so that a
+   uniform setting L-GreCo drifts to is a baseline too);
 3. L-GreCo (alpha, delta, adjust_every from the command line) per family (powersgd, topk, quant,
    default level = that family's uniform one above) and mixed (every family's candidates, default int4).
 Bytes are the Communicator's counted payload bytes of training, summed over workers (L-GreCo's
@@ -45,8 +46,10 @@ def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     uniform = [*lg, "strategy.adaptive=false"]
     adaptive = [*lg, f"strategy.alpha={args.alpha}", f"strategy.delta={args.delta}", *args.set]
     return [("ddp", "ddp", ["strategy=ddp"]),
+            ("uniform powersgd:1", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:1"]),
             ("uniform powersgd:2", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:2"]),
             ("uniform powersgd:3", "uniform", [*uniform, "strategy.family=powersgd", "strategy.default_level=powersgd:3"]),
+            ("uniform topk:0.005", "uniform", [*uniform, "strategy.family=topk", "strategy.default_level=topk:0.005"]),
             ("uniform topk:0.01", "uniform", [*uniform, "strategy.family=topk", "strategy.default_level=topk:0.01"]),
             ("uniform int4", "uniform", [*uniform, "strategy.family=quant", "strategy.default_level=int4"]),
             ("uniform int2", "uniform", [*uniform, "strategy.family=quant", "strategy.default_level=int2"]),

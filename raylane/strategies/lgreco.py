@@ -14,9 +14,11 @@ steps before, rank r summed the error-compensated gradients of its share of the 
 layers (layer i, in parameter order, when i % W == r) and now measures them for every level; the
 [layers, levels] error table is all-gathered through the Communicator; bytes are formulas; every
 rank solves the same knapsack (lgreco_dp.choose_levels: least bytes with total error <= alpha x
-the default level's) and so applies the same levels. A layer nobody measured (its owner was
-replaced) keeps its level. `adaptive: false` puts every compressible layer at `default_level`
-after warm-up without measuring: the uniform baseline, through the same code.
+the default level's) and so applies the same levels. `error_metric: adam` weighs each error per
+value by AdamW's 1 / (sqrt(v) + eps) (the same v on every rank): the error in the update space.
+A layer nobody measured (its owner was replaced) keeps its level. `adaptive: false` puts every
+compressible layer at `default_level` after warm-up without measuring: the uniform baseline,
+through the same code.
 
 State: replica (the same on every rank) - step count, levels, PowerSGD Q per layer;
 local (`local_state_dict`, per rank) - residuals, accumulations. Metrics (rank 0's):
@@ -204,7 +206,7 @@ class LGrecoWorker(DDPWorker):
         mine = torch.full((len(self.layers), len(self.columns)), float("nan"), dtype=torch.float64)
         for layer in self.layers:
             if layer.index % world == rank and layer.name in self.accum:
-                row = errors(self.columns, self.accum[layer.name].view(layer.param.shape))
+                row = errors(self.columns, self.accum[layer.name].view(layer.param.shape), self._weight(layer))
                 mine[layer.index] = torch.tensor([e if ok else float("nan") for e, ok in zip(row, layer.available)],
                                                  dtype=torch.float64)
         if world == 1:
@@ -212,6 +214,15 @@ class LGrecoWorker(DDPWorker):
         gathered = self.ctx.comm.allgather(mine, label="lgreco.table")
         return torch.stack([gathered[l.index % world][l.index] for l in self.layers]).numpy() if self.layers \
             else mine.numpy()
+
+    def _weight(self, layer: _Layer) -> torch.Tensor | None:
+        """error_metric=adam: 1 / (sqrt(v) + eps), v AdamW's second moments of the layer (None before
+        its first step: plain L2); l2: None."""
+        if self.cfg.error_metric != "adam":
+            return None
+        v = self.ctx.optimizer.state.get(layer.param, {}).get("exp_avg_sq")
+        eps = next(g["eps"] for g in self.ctx.optimizer.param_groups if any(p is layer.param for p in g["params"]))
+        return None if v is None else 1.0 / (v.sqrt() + eps)
 
     def _apply(self, table: np.ndarray) -> dict[str, float]:
         world = self.ctx.world_size

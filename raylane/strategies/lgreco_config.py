@@ -7,12 +7,13 @@ alpha <= 0, adjust_every < 1, a default level outside the family, ...), raised a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from raylane.strategies.ddp import DDPConfig
 from raylane.strategies.lgreco_levels import FAMILIES, QUANT_FORMATS, family, powersgd_level, topk_level
 from raylane.validation import ConfigError, check, one_of
 
+ERROR_METRICS = ("l2", "adam")
 FAMILY_DEFAULT = {"powersgd": "powersgd:4", "topk": "topk:0.01", "quant": "int4", "mixed": "int4"}
 
 
@@ -29,6 +30,8 @@ class LGrecoConfig(DDPConfig):
     adaptive: bool = True  # false: every compressible layer at default_level after warm-up (uniform)
     alpha: float = 1.0  # error budget: total error <= alpha x the default level's
     delta: float = 0.001  # error discretisation, as a fraction of the budget
+    error_metric: str = "l2"  # l2: ||C(g) - g|| (the paper's); adam: ||(C(g) - g) / (sqrt(v) + eps)||, the
+    # error in AdamW's update space (v: its second-moment estimate); needs optim.name=adamw
     warmup_steps: int = 20
     adjust_every: int = 50
     accumulate_steps: int = 5
@@ -45,6 +48,7 @@ class LGrecoConfig(DDPConfig):
                   "must be null or [gamma, beta], 0 < gamma <= 1 <= beta")
         check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
         check(0 < self.delta <= 0.5, f"{prefix}.delta", self.delta, "must be in (0, 0.5]")
+        one_of(f"{prefix}.error_metric", self.error_metric, ERROR_METRICS)
         check(self.adjust_every >= 1, f"{prefix}.adjust_every", self.adjust_every, "must be >= 1")
         check(self.warmup_steps >= 1, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 1")
         check(1 <= self.accumulate_steps <= self.adjust_every, f"{prefix}.accumulate_steps", self.accumulate_steps,
@@ -75,6 +79,11 @@ class LGrecoConfig(DDPConfig):
         check(kind in allowed, f"{prefix}.default_level", self.default_level,
               f"must be a {'/'.join(allowed)} level for {prefix}.family={self.family} "
               f"(e.g. {FAMILY_DEFAULT[self.family]!r})")
+
+    def check_run(self, run: Any) -> None:
+        """error_metric=adam weighs errors by the optimizer's second moments: it needs AdamW."""
+        check(self.error_metric != "adam" or run.optim.name == "adamw", "strategy.error_metric", self.error_metric,
+              f"'adam' needs optim.name=adamw (got {run.optim.name!r}); use 'l2'")
 
     def default(self) -> str:
         return self.default_level or FAMILY_DEFAULT[self.family]

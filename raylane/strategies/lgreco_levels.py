@@ -12,6 +12,7 @@ topk a compressed allgather, powersgd a PowerSGD allreduce (two allreduces of fp
 - `errors(levels, acc)`: ||C(acc) - acc||_2 per level for one layer's accumulated gradient. PowerSGD's
   is the best rank-r error from the singular values (what warm-started power iteration tends to,
   the paper's "SVD" measure); top-k's the norm of what it drops; quantizers' the real round trip.
+  With a weight (lgreco's `error_metric: adam`), each error is weighted per value before the norm.
 """
 
 from __future__ import annotations
@@ -102,30 +103,49 @@ def wire_bytes(level: str, shape: tuple[int, ...], world: int) -> int:
     return sum(expected_bytes_sent(collective, arg, torch.float32, world, r, c) for r in range(world))
 
 
-def errors(levels: list[str], acc: torch.Tensor) -> list[float]:
-    """||C(acc) - acc||_2 for each level (nan where the level does not apply), in float64."""
+def errors(levels: list[str], acc: torch.Tensor, weight: torch.Tensor | None = None) -> list[float]:
+    """||C(acc) - acc||_2 for each level (nan where the level does not apply), in float64.
+
+    `weight` (acc's shape, >= 0): the error is ||(C(acc) - acc) * weight||_2 instead, e.g. Adam's
+    1 / (sqrt(v) + eps), which measures the error in the optimizer's update space; PowerSGD's is
+    then that of the best rank-r approximation (truncated SVD) rather than the singular values' tail.
+    """
     flat = acc.detach().double().reshape(-1)
-    out, svals, tail = [], None, None
+    w = None if weight is None else weight.detach().double().reshape(-1)
+    out, svals, tail, svd = [], None, None, None
     for level in levels:
         kind = family(level)
         if not applies(level, acc.shape):
             out.append(math.nan)
         elif kind == "none":
             out.append(0.0)
+        elif kind == "powersgd" and w is not None:
+            if svd is None:
+                svd = torch.linalg.svd(flat.view(acc.shape[0], -1), full_matrices=False)
+            u, s, vh = svd
+            r = int(level.partition(":")[2])
+            approx = ((u[:, :r] * s[:r]) @ vh[:r]).reshape(-1)
+            out.append(float(((approx - flat) * w).norm()))
         elif kind == "powersgd":
             if svals is None:
                 rows = acc.shape[0]
                 svals = torch.linalg.svdvals(acc.detach().double().reshape(rows, -1)).square()
             r = int(level.partition(":")[2])
             out.append(float(svals[r:].sum().sqrt()))
-        elif kind == "topk":
+        elif kind == "topk" and w is None:
             if tail is None:  # tail[k] = sum of squares of all but the k largest magnitudes
                 sq = flat.square().sort(descending=True).values
                 tail = torch.cat([sq.sum().reshape(1), sq.sum() - sq.cumsum(0)]).clamp_(min=0)
             k = kept(flat.numel(), float(level.partition(":")[2]))
             out.append(float(tail[k].sqrt()))
+        elif kind == "topk":  # what it drops: all but the k largest magnitudes
+            k = kept(flat.numel(), float(level.partition(":")[2]))
+            dropped = flat.clone()
+            dropped[flat.abs().topk(k).indices] = 0
+            out.append(float((dropped * w).norm()))
         else:
             c = compressor(level)
             approx = c.decompress(c.compress(acc.detach().float())).double().reshape(-1)
-            out.append(float((approx - flat).norm()))
+            diff = approx - flat
+            out.append(float((diff if w is None else diff * w).norm()))
     return out
