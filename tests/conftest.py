@@ -30,13 +30,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-def train_and_collect(cfg, method: str = "flat_parameters"):
-    """Run a Coordinator on `cfg` to its last step; (coordinator, every worker's `method()`), its actors stopped."""
+FAULT_FREE = ["train.steps=12", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="session")
+def fault_free_run(ray_cluster, tmp_path_factory):
+    """One fault-free run of FAULT_FREE, the reference of the fault tests in test_faults.py and
+    test_faults_e2e.py (each runs its faults on the same training config): (its config, the
+    coordinator after it, every worker's flat parameters)."""
+    cfg = small_cfg(tmp_path_factory.mktemp("ff"), *FAULT_FREE, "run.name=fault-free")
+    return (cfg, *train_and_collect(cfg))
+
+
+def train_and_collect(cfg, method: str = "flat_parameters", *more: str):
+    """Run a Coordinator on `cfg` to its last step; (coordinator, every worker's `method()`, then every
+    worker's result of each of `more`, called in that order), its actors stopped."""
     from raylane.orchestrator.coordinator import Coordinator
 
     coord = Coordinator(cfg)
     try:
         coord.train()
-        return coord, coord.group.get(coord.group.call(method))
+        return coord, *(coord.group.get(coord.group.call(m)) for m in (method, *more))
     finally:
         coord.close()

@@ -21,7 +21,7 @@ from raylane.validation import from_dict
 from raylane.workers.data import GlobalSampler, build_dataset
 from raylane.workers.models import ModelConfig, build_model, loss_fn
 from raylane.workers.optim import OptimConfig, build_optimizer, lr_at
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
@@ -197,15 +197,9 @@ def test_finish_merges_the_syncs_in_flight_so_the_final_global_params_include_ev
 # -- through the Coordinator on the session Ray cluster --------------------------------------
 def _train(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor], Coordinator]:
     """Train to the end; (global parameters, local parameters) of each replica, and the coordinator."""
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        glob = coord.group.get(coord.group.call("flat_parameters"))
-        states = coord.group.get(coord.group.call("state_dict"))
-        local = [torch.cat([t.reshape(-1) for t in s["replica"]["model"].values()]) for s in states]
-        return glob, local, coord
-    finally:
-        coord.close()
+    coord, glob, states = train_and_collect(cfg, "flat_parameters", "state_dict")
+    local = [torch.cat([t.reshape(-1) for t in s["replica"]["model"].values()]) for s in states]
+    return glob, local, coord
 
 
 @pytest.mark.ray

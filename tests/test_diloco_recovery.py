@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from raylane.orchestrator import checkpoint
-from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
@@ -23,14 +22,8 @@ COMMON = ["train.steps=10", "checkpoint.every=5", "cluster.num_workers=2", "mode
 
 def _run(cfg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(global parameters, local parameters) of each replica at the end."""
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        assert coord.step == 10
-        glob = coord.group.get(coord.group.call("flat_parameters"))
-        states = coord.group.get(coord.group.call("state_dict"))
-    finally:
-        coord.close()
+    coord, glob, states = train_and_collect(cfg, "flat_parameters", "state_dict")
+    assert coord.step == 10
     local = [torch.cat([t.reshape(-1) for t in s["replica"]["model"].values()]) for s in states]
     return glob, local
 

@@ -8,26 +8,18 @@ import ray
 import torch
 
 from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import FAULT_FREE, small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
-STEPS = 8
-COMMON = [f"train.steps={STEPS}", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5",
-          "cluster.collective_timeout_s=5", "cluster.replace_timeout_s=20"]
+STEPS = 12  # FAULT_FREE's; the faults below hit steps 3-5
+# 3 s: the hang is caught after its peers' collective timeout; the fault presets' tests run 4 workers on it too
+COMMON = [*FAULT_FREE, "cluster.collective_timeout_s=3", "cluster.replace_timeout_s=20"]
 
 
-def _train(cfg, hook=None, until=None):
-    coord = Coordinator(cfg, fault_hook=hook)
-    try:
-        coord.train(until_step=until)
-        if until is not None:
-            return coord
-        params = coord.group.get(coord.group.call("flat_parameters"))
-        return coord.step, coord.samples, params
-    finally:
-        if until is None:
-            coord.close()
+def _train(cfg):
+    coord, params = train_and_collect(cfg)
+    return coord.step, coord.samples, params
 
 
 def _events(cfg):
@@ -36,8 +28,10 @@ def _events(cfg):
 
 
 @pytest.fixture(scope="module")
-def fault_free(ray_cluster, tmp_path_factory):
-    return _train(small_cfg(tmp_path_factory.mktemp("ff"), *COMMON, "run.name=fault-free"))
+def fault_free(fault_free_run):
+    """The session's fault-free run (the timeouts in COMMON change no step's arithmetic)."""
+    _, coord, params = fault_free_run
+    return coord.step, coord.samples, params
 
 
 @pytest.mark.parametrize("event", [
@@ -77,8 +71,9 @@ def test_elastic_shrink_to_3_and_grow_back_to_4_without_restart(ray_cluster, tmp
     cfg = small_cfg(tmp_path, "train.steps=30", "cluster.num_workers=4", "cluster.cpus_per_worker=1.0",
                     "cluster.min_workers=3", "cluster.replace_timeout_s=3", "cluster.collective_timeout_s=5",
                     "+faults.events=[{kind: kill, rank: 2, step: 4}]")
-    coord = _train(cfg, hook=take_capacity, until=10)
+    coord = Coordinator(cfg, fault_hook=take_capacity)
     try:
+        coord.train(until_step=10)
         assert coord.group.world_size == 3
         for b in blockers:
             ray.kill(b)

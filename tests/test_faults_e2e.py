@@ -9,32 +9,28 @@ import pytest
 import torch
 
 from raylane.comm import Link, wire
-from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import FAULT_FREE, small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ray]
 
 
-def _run(cfg):
-    """Train to the end; (steps done, flat parameters of rank 0, metric records, event records)."""
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        params = coord.group.get(coord.group.call("flat_parameters"))[0]
-        step = coord.step
-    finally:
-        coord.close()
+def _records(cfg, coord, params):
+    """(steps done, flat parameters of rank 0, metric records by step, event records) of a finished run."""
     lines = [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]
     steps = {x["step"]: x for x in lines if "train/loss" in x}
-    return step, params, steps, [x for x in lines if "event" in x]
+    return coord.step, params[0], steps, [x for x in lines if "event" in x]
 
 
-def test_byzantine_preset_fires_on_rank_3_at_step_10_and_changes_training_from_there(ray_cluster, tmp_path):
+def _run(cfg):
+    """Train to the end; its `_records`."""
+    return _records(cfg, *train_and_collect(cfg))
+
+
+def test_byzantine_preset_fires_on_rank_3_at_step_10_and_changes_training_from_there(fault_free_run, tmp_path):
     """The preset sign-flips rank 3's outgoing tensors from step 10: steps 1-10 (whose losses are
     computed before step 10's update) match a fault-free run exactly, step 11 on do not."""
-    common = ["train.steps=12", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"]
-    base = _run(small_cfg(tmp_path, *common, "run.name=clean"))
-    step, params, steps, events = _run(small_cfg(tmp_path, *common, "faults=byzantine", "run.name=byz"))
+    base = _records(*fault_free_run)  # 12 steps of 4 workers, the session's fault-free run
+    step, params, steps, events = _run(small_cfg(tmp_path, *FAULT_FREE, "faults=byzantine", "run.name=byz"))
     assert step == base[0] == 12 and sorted(steps) == list(range(1, 13))
     assert (tmp_path / "byz" / "summary.yaml").is_file()
     fired = [e for e in events if e["event"] == "fault_injected"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
@@ -27,12 +27,7 @@ def _state(coord):
 def test_worker_crash_after_levels_are_chosen_is_recovered_with_no_step_lost(ray_cluster, tmp_path):
     cfg = small_cfg(tmp_path, *LGRECO, "cluster.num_workers=3",
                     "+faults.events=[{kind: crash, rank: 1, step: 6, mode: exit}]")
-    coord = Coordinator(cfg)
-    try:
-        coord.train()
-        params, levels = _state(coord)
-    finally:
-        coord.close()
+    coord, params, levels = train_and_collect(cfg, "flat_parameters", "levels")
     assert coord.step == STEPS
     assert all(torch.equal(p, params[0]) for p in params) and all(lv == levels[0] for lv in levels)
     assert any(v != "none" for v in levels[0].values())
@@ -57,11 +52,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run_bit_for_bit(ray_cluste
         resumed, resumed_levels = _state(coord)
     finally:
         coord.close()
-    coord = Coordinator(small_cfg(tmp_path, *common, "run.name=straight"))
-    try:
-        coord.train()
-        straight, straight_levels = _state(coord)
-    finally:
-        coord.close()
+    _, straight, straight_levels = train_and_collect(small_cfg(tmp_path, *common, "run.name=straight"),
+                                                     "flat_parameters", "levels")
     assert resumed_levels == straight_levels
     assert all(torch.equal(r, s) for r, s in zip(resumed, straight))

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from raylane.orchestrator.coordinator import Coordinator
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, train_and_collect
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
-
-
-def _params(coord):
-    return coord.group.get(coord.group.call("flat_parameters"))[0]
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(ray_cluster, tmp_path):
@@ -29,18 +25,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(ray_cluster, tmp_path)
     try:
         assert coord.step == 5
         coord.train()
-        resumed = _params(coord)
+        resumed = coord.group.get(coord.group.call("flat_parameters"))[0]
     finally:
         coord.close()
 
-    coord = Coordinator(small_cfg(tmp_path, *common, "run.name=straight"))
-    try:
-        coord.train()
-        straight = _params(coord)
-    finally:
-        coord.close()
+    _, straight = train_and_collect(small_cfg(tmp_path, *common, "run.name=straight"))
 
-    assert torch.equal(resumed, straight)
+    assert torch.equal(resumed, straight[0])
     lines = [json.loads(x) for x in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     resumed_at = next(i for i, x in enumerate(lines) if x.get("event") == "resumed")
     assert lines[resumed_at]["from_step"] == 5
