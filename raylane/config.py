@@ -96,6 +96,9 @@ class ClusterConfig:
         check(self.ranks_per_replica >= 1 and self.num_workers % self.ranks_per_replica == 0,
               f"{prefix}.ranks_per_replica", self.ranks_per_replica,
               f"must be >= 1 and divide cluster.num_workers={self.num_workers}")
+        check(self.min_workers is None or self.min_workers % self.ranks_per_replica == 0, f"{prefix}.min_workers",
+              self.min_workers, f"must be a multiple of cluster.ranks_per_replica={self.ranks_per_replica} "
+              f"(a replica is dropped or kept whole)")
 
     @property
     def replicas(self) -> int:

@@ -86,6 +86,7 @@ def test_several_fragments_are_in_flight_when_tau_exceeds_h_over_p():
     ("strategy.compression.name=powersgd", "strategy.compression.name='powersgd'"),
     ("strategy.compression.zstd_level=3", "strategy.compression.zstd_level=3"),
     ("strategy.fragment_pattern=random", "strategy.fragment_pattern='random'"),
+    ("strategy.recover_from=peer", "strategy.recover_from='peer'"),
 ])
 def test_bad_diloco_settings_are_one_line_config_errors(override, key):
     with pytest.raises(ConfigError) as err:

@@ -45,9 +45,13 @@ register("_test_pairs", strategies.get("ddp").config_cls, PairsWorker)
 
 def test_default_layout_keeps_the_replica_bit():
     ddp = strategies.get("ddp").worker_cls.layout(None, 3)
-    diloco = strategies.get("diloco").worker_cls.layout(None, 3)
+    spec = strategies.get("diloco")
+    diloco = spec.worker_cls.layout(spec.config_cls(), 3)
     assert ddp.state_keys == ("replica",) * 3 and ddp.parts == (None,) * 3 and ddp.groups == {}
-    assert diloco.state_keys == ("replica_0", "replica_1", "replica_2")
+    assert diloco.state_keys == ("replica_0", "replica_1", "replica_2") and diloco.seeds is None
+    peer = spec.worker_cls.layout(spec.config_cls(recover_from="peer_replica"), 3)
+    assert peer.state_keys == diloco.state_keys and peer.seeds == ("replica",) * 3
+    assert spec.worker_cls.layout(spec.config_cls(recover_from="peer_replica", overlap_steps=1), 3).seeds is None
     assert saved_state_keys({"world_size": 2, "replicas_identical": False}) == ["replica_0", "replica_1"]
     assert saved_state_keys({"world_size": 2, "state_keys": ["s0", "s1"]}) == ["s0", "s1"]
 
@@ -66,6 +70,20 @@ def test_peer_plan_copies_from_the_lowest_live_holder_at_the_newest_common_step(
     # stage 0's only holder at step 7 is gone: the newest step every key has is 6
     assert peer_plan(stages, {1: 6, 2: 7, 3: 6}) == (6, {0: 1, 2: 3})
     assert peer_plan(Layout(("a", "b"), (None, None)), {}) is None
+
+
+def test_peer_plan_seeds_a_lost_replica_from_a_clean_peer_replica_and_leaves_the_others_alone():
+    # 2 replicas x 2 ranks, keys per (replica, shard), seed class per shard (replica_diloco)
+    keys = ("q0s0", "q0s1", "q1s0", "q1s1")
+    seeded = Layout(keys, (None,) * 4, seeds=("s0", "s1", "s0", "s1"))
+    # rank 1 lost at step 7; rank 0 (its replica) failed the step; replica 1 completed it
+    steps = {0: 6, 2: 7, 3: 7}
+    assert peer_plan(seeded, steps, clean={2, 3}) == (7, {0: 2, 1: 3})
+    # without seed classes replica 0's keys have no holder; at an outer sync every rank failed: no clean source
+    assert peer_plan(Layout(keys, (None,) * 4), steps, clean={2, 3}) is None
+    assert peer_plan(seeded, steps, clean=set()) is None
+    # a rank that is not clean is copied to even when it reports the step; exact holders win over seeds
+    assert peer_plan(seeded, {0: 7, 1: 7, 2: 7, 3: 7}, clean={1, 2, 3}) == (7, {0: 2})
 
 
 def _run_workers(cfg, world: int, fn) -> list:

@@ -64,7 +64,7 @@ def test_layout_has_inner_groups_per_replica_and_outer_groups_per_local_rank(tmp
                "strategy.engine=deepspeed")
     layout = get("replica_diloco").worker_cls.layout(cfg.strategy, 6)
     assert layout.groups == {"inner": ((0, 1, 2), (3, 4, 5)), "outer": ((0, 3), (1, 4), (2, 5))}
-    assert layout.state_keys[4] == "replica_1_shard_1" and not layout.elastic
+    assert layout.state_keys[4] == "replica_1_shard_1" and layout.elastic and layout.unit == 3  # whole replicas
     hsdp = _cfg(tmp_path, "strategy=hsdp", "cluster.ranks_per_replica=2", "strategy.engine=deepspeed")
     assert get("hsdp").worker_cls.layout(hsdp.strategy, 4).state_keys == ("shard_0", "shard_1") * 2
     plain = _cfg(tmp_path, "strategy=hsdp", "cluster.ranks_per_replica=2")  # engine=torch: replicated state
@@ -90,11 +90,13 @@ def test_bad_replica_config_is_one_line(tmp_path, overrides, message):
 # -- equivalences on plain processes ----------------------------------------------------------
 def test_replica_diloco_deepspeed_zero1_with_h1_equals_ddp_over_all_ranks(tmp_path):
     """2 replicas x 2 ranks, ZeRO-1 inside, DiLoCo H=1 with outer SGD lr=1 (no momentum) across:
-    each outer step sets the parameters to the replicas' mean, which with inner SGD is ddp's step."""
+    each outer step sets the parameters to the replicas' mean, which with inner SGD is ddp's step.
+    The groups re-form after step 2 (the engine is rebuilt with new fp32 masters: the outer sync
+    must follow them)."""
     cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
                "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
                "strategy.zero_stage=1")
-    results = train_ranks(cfg, 4)
+    results = train_ranks(cfg, 4, regen_at=2)
     losses, params, _ = _reference(cfg, 4)
     np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
     for r in results:
@@ -109,16 +111,57 @@ def test_replica_diloco_deepspeed_zero1_with_h1_equals_ddp_over_all_ranks(tmp_pa
 
 def test_replica_diloco_deepspeed_zero3_with_h1_equals_ddp_and_evaluates_in_lock_step(tmp_path):
     """ZeRO-3 keeps only partitions: the outer step writes the fp32 partition back, and evaluation
-    (every rank of a replica running the same batches, local rank 0 counting) scores ddp's model."""
+    (every rank of a replica running the same batches, local rank 0 counting) scores ddp's model.
+    The groups re-form after step 2: the engine is rebuilt over the partitioned module, each rank
+    keeps its partition and the outer sync follows the new one."""
     cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
                "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
                "strategy.zero_stage=3")
-    results = train_ranks(cfg, 3)
-    losses, _, eval_loss = _reference(cfg, 3)
+    results = train_ranks(cfg, 4, regen_at=2)
+    losses, params, eval_loss = _reference(cfg, 4)
     np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
+    for r in results:  # the global parameters, gathered inside each replica
+        np.testing.assert_allclose(r["params"], params, atol=1e-5)
     total, count = (sum(r["eval"]["global"][i] for r in results) for i in (0, 1))
     assert count == cfg.data.eval_batches  # each batch counted once, by one replica's local rank 0
     assert total / count == pytest.approx(eval_loss, rel=1e-5)
+
+
+def test_hsdp_zero3_keeps_its_partitions_across_a_regroup_and_scores_accuracy_on_the_same_weights(tmp_path):
+    """One replica of 2 ranks, ZeRO-3, AdamW, digits (a classification dataset). After step 3 every rank
+    re-forms its groups: the engine is rebuilt over a module whose parameters were partitioned over the
+    old group, and each rank keeps its fp32 partition and its AdamW moments (else the run leaves ddp's).
+    The lock-step evaluation (parameters gathered inside every forward) gives the eval loss and
+    accuracy that the worker's own loop gives on the same (gathered) weights."""
+    from raylane.workers.models import loss_fn
+    from raylane.workers.worker import TrainWorker
+
+    cfg = config.load(["data=digits", "model=mlp", "model.hidden=[32,32]", "data.batch_size=8",
+                       "data.eval_batches=6", "logging=quiet", "train.eval_every=0", "checkpoint.every=0",
+                       "optim.schedule=constant", "optim.lr=0.01", f"run.root={tmp_path}", "strategy=hsdp",
+                       "cluster.num_workers=2", "cluster.ranks_per_replica=2", "strategy.engine=deepspeed",
+                       "strategy.zero_stage=3"])
+    results = train_ranks(cfg, 6, regen_at=3)
+    losses, params, _ = _reference(cfg, 6)
+    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
+    for r in results:  # gathered inside the replica; AdamW divides by sqrt(v): float noise grows
+        np.testing.assert_allclose(r["params"], params, atol=2e-5)
+    total, count, correct, samples = (sum(r["eval"][k][i] for r in results)
+                                      for k, i in (("model", 0), ("model", 1), ("model/accuracy", 0),
+                                                   ("model/accuracy", 1)))
+    w = TrainWorker(_with(cfg, strategy=get("ddp").config_cls()), 0)  # the worker's loop, on the same weights
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(results[0]["params"]), w.model.parameters())
+    w.model.eval()
+    want = [0.0, 0, 0, 0]
+    with torch.no_grad():
+        for i in range(cfg.data.eval_batches):
+            x, y = w.data.eval_batch(i, cfg.data.batch_size)
+            logits = w.model(x)
+            want = [want[0] + loss_fn(logits, y).item(), want[1] + 1, want[2] + int((logits.argmax(-1) == y).sum()),
+                    want[3] + y.numel()]
+    assert (count, correct, samples) == tuple(want[1:]) and samples == 6 * 8  # each batch once, by one rank
+    assert total == pytest.approx(want[0], rel=1e-6)
+    assert 0 < correct < samples  # a score, not a constant
 
 
 def test_engine_torch_and_deepspeed_give_the_same_loss_curve_across_a_regroup(tmp_path):

@@ -5,7 +5,9 @@ early) → `close()`. `run(cfg)` does all three. With `resume=true` it continues
 the newest valid checkpoint in `run.dir`.
 
 A round that fails (a worker died, hung, or its collective broke) is recovered in place
-(`recovery.py`), then the step is run again: every step is applied exactly once.
+(`recovery.py`), then the step is run again: every step is applied exactly once. When recovery
+brought every rank to the failed step itself (the ranks that completed it seeded the others, e.g.
+a lost replica from a live peer replica), the step stands and is logged from those ranks' results.
 It never names a strategy, model or compressor: the strategy comes from the registry.
 """
 
@@ -129,16 +131,20 @@ class Coordinator:
             self._announce(step, directives)
             self.group.begin_step(step, directives)
             t0 = time.perf_counter()
+            self.samples_at[step] = self.samples + self.global_batch
+            self.samples_at.pop(step - 10_000, None)
             try:
                 results = self.driver.run_round(self.group, step, self.samples, lr)
+                self.step, self.samples = step, self.samples_at[step]
             except WorkerFailure as failure:
                 self._count_failure(step, failure)
                 self.recovery.recover(failure, step, time.perf_counter() - t0)
-                continue
-            self.step, self.samples = step, self.samples + self.global_batch
-            self.samples_at[step] = self.samples
-            self.samples_at.pop(step - 10_000, None)
-            self._log_step(step, results, time.perf_counter() - t0, lr)
+                if self.step < step:  # rolled back: the step runs again
+                    continue
+                # the step stands (the ranks that completed it seeded the others): log what they returned
+                results = [failure.results[r] for r in sorted(failure.results)]
+            if results and all("loss" in r for r in results):  # (a driver-decided round returns other things)
+                self._log_step(step, results, time.perf_counter() - t0, lr)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 self.evaluate()
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:

@@ -4,7 +4,10 @@
 1. kill the dead and hung workers (and any that miss the heartbeat);
 2. start a replacement for each at its rank; one not up within `cluster.replace_timeout_s`
    is dropped (elastic shrink, if `cluster.min_workers` allows) and kept pending to grow
-   back when capacity returns (`maybe_grow`, at a step boundary);
+   back when capacity returns (`maybe_grow`, at a step boundary). The layout's `unit` is kept
+   whole: a unit (a multi-rank replica) with a rank not replaced is dropped whole, its surviving
+   members killed and replaced by pending actors too (`shrunk` event; `surviving_units`), and
+   growth joins whole units only (`joinable`);
 3. form a new process-group generation in the living processes;
 4. state: the strategy's layout says which state key each rank holds; when every key has a
    live holder at one common step (`peer_plan`), the ranks that need it copy it from that
@@ -40,34 +43,62 @@ class Recovery:
         self.pending: list[tuple[Any, Any]] = []  # (actor, address ref) waiting for capacity
 
     # -- membership -------------------------------------------------------------------
-    def _replace(self, lost: set[int]) -> tuple[list[Any], list[dict]]:
-        group, c = self.coord.group, self.coord.cfg.cluster
+    def _replace(self, lost: set[int], step: int) -> tuple[list[Any], list[dict]]:
+        group, layout = self.coord.group, self.coord.layout()
         fresh = {r: group.new_actor(r) for r in sorted(lost)}
         refs = {r: a.address.remote() for r, a in fresh.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=c.replace_timeout_s)
-        actors, addresses = [], []
-        for r in range(group.world_size):
-            if r not in lost:
-                actors.append(group.actors[r])
-                addresses.append(group.addresses[r])
-            elif refs[r] in ready:
-                actors.append(fresh[r])
-                addresses.append(ray.get(refs[r]))
-            else:
-                self.pending.append((fresh[r], refs[r]))
-        if len(actors) < group.world_size and not self.coord.layout().elastic:
-            raise RecoveryError(f"only {len(actors)} of {group.world_size} workers after a fault, and strategy "
-                                f"{self.coord.cfg.strategy.name!r} cannot continue with fewer: add capacity "
-                                f"or raise cluster.replace_timeout_s")
-        if len(actors) < c.floor:
-            raise RecoveryError(f"only {len(actors)} workers after a fault; cluster.min_workers={c.floor}: "
-                                f"lower it to continue with fewer, or add capacity")
+        timeout = self.coord.cfg.cluster.replace_timeout_s
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        kept = surviving_units(group.world_size, {r for r in lost if refs[r] not in ready}, layout.unit)
+        error = self._shrink_error(len(kept), layout)
+        if error:
+            self.pending += [(fresh[r], refs[r]) for r in sorted(lost)]  # abandon() reaps them
+            raise RecoveryError(error)
+        self._drop_units(step, [r for r in range(group.world_size) if r not in kept], lost, fresh, refs, layout.unit)
+        actors = [fresh[r] if r in lost else group.actors[r] for r in kept]
+        addresses = [ray.get(refs[r]) if r in lost else group.addresses[r] for r in kept]
         return actors, addresses
 
-    def _sync_state(self, steps: dict[int, int]) -> str:
-        """Bring every member to the most advanced live state; returns where it came from."""
+    def _shrink_error(self, kept: int, layout: Layout) -> str | None:
+        """Why the world may not go on with `kept` workers (None: it may)."""
+        world, c = self.coord.group.world_size, self.coord.cfg.cluster
+        if kept < world and not layout.elastic:
+            return (f"only {kept} of {world} workers after a fault, and strategy {self.coord.cfg.strategy.name!r} "
+                    f"cannot continue with fewer: add capacity or raise cluster.replace_timeout_s")
+        if kept < c.floor:
+            whole = f" (whole units of {layout.unit} ranks)" if layout.unit > 1 else ""
+            return (f"only {kept} workers{whole} after a fault; cluster.min_workers={c.floor}: lower it to "
+                    f"continue with fewer, or add capacity")
+        return None
+
+    def _drop_units(self, step: int, dropped: list[int], lost: set[int], fresh: dict[int, Any],
+                    refs: dict[int, Any], unit: int) -> None:
+        """The ranks of the units dropped whole: kill their live members, and keep a fresh actor
+        for each of their ranks pending, so that a unit may grow back whole when capacity returns."""
+        if not dropped:
+            return
+        group = self.coord.group
+        killed = [r for r in dropped if r not in lost]
+        group.kill(set(killed))
+        for r in killed:
+            fresh[r] = group.new_actor(r)
+            refs[r] = fresh[r].address.remote()
+        self.pending += [(fresh[r], refs[r]) for r in dropped]
+        workers = group.world_size - len(dropped)
+        self.coord.metrics.event(step, "shrunk", dropped=dropped, killed=killed, unit=unit, workers=workers)
+        log.warning("shrinking to %d workers: ranks %s dropped (whole units of %d ranks; live members killed: %s)",
+                    workers, dropped, unit, killed or "none")
+
+    def _sync_state(self, steps: dict[int, int], clean: set[int] | None = None) -> str:
+        """Bring every member to the most advanced live state; returns where it came from. A strategy
+        whose failed step may leave state half-updated copies only from `clean` ranks (those whose
+        last round succeeded), and only where its layout has seed classes; else the checkpoint."""
         coord, group = self.coord, self.coord.group
-        plan = peer_plan(coord.layout(), steps) if coord.spec.worker_cls.failed_step_keeps_state else None
+        layout = coord.layout()
+        if coord.spec.worker_cls.failed_step_keeps_state:
+            plan = peer_plan(layout, steps)
+        else:
+            plan = peer_plan(layout, steps, clean) if layout.seeds is not None and clean is not None else None
         if plan is not None:
             src_step, sources = plan
             timeout = coord.cfg.cluster.round_timeout_s
@@ -79,8 +110,10 @@ class Recovery:
                 refs += [group.actors[r].load_state_dict.remote(states[src]), group.actors[r].set_step.remote(src_step)]
             ray.get(refs, timeout=timeout)
             coord.step = src_step
-            return f"peer (rank {min(sources.values())})" if len(states) == 1 else \
-                f"peers (ranks {', '.join(map(str, sorted(states)))})" if states else "live state"
+            seeded = any(layout.state_keys[r] != layout.state_keys[src] for r, src in sources.items())
+            kind = "peer replica" if seeded else "peer"
+            return f"{kind} (rank {min(sources.values())})" if len(states) == 1 else \
+                f"{kind}s (ranks {', '.join(map(str, sorted(states)))})" if states else "live state"
         if coord.restore_checkpoint():
             return "checkpoint"
         raise RecoveryError("no live peer holds the state and there is no checkpoint to recover from")
@@ -98,13 +131,17 @@ class Recovery:
         lost |= set(range(group.world_size)) - set(alive)
         group.kill(lost)
         old_ranks = [r for r in range(group.world_size) if r not in lost]
-        actors, addresses = self._replace(lost)
+        actors, addresses = self._replace(lost, step)
         # members keep their order; a surviving worker's applied step follows it to its new rank
         kept = {id(group.actors[r]): alive[r] for r in old_ranks}
+        tainted = {id(group.actors[r]) for r in failure.errored}  # its step failed: its state may be half-updated
+        members = {id(a) for a in actors}  # a step that stands is logged from its members' results only
+        failure.results = {r: v for r, v in failure.results.items()
+                           if 0 <= r < len(group.actors) and id(group.actors[r]) in members}
         group.set_members(actors, addresses)
         group.form_group()
         steps = {r: kept[id(a)] for r, a in enumerate(actors) if id(a) in kept}
-        source = self._sync_state(steps)
+        source = self._sync_state(steps, {r for r, a in enumerate(actors) if id(a) in kept and id(a) not in tainted})
         self._resized()
         recovery_s = time.monotonic() - t0
         lost_steps = max(0, step - 1 - coord.step)
@@ -117,8 +154,11 @@ class Recovery:
                     source, recovery_s, group.world_size, coord.step + 1)
 
     def maybe_grow(self, step: int) -> None:
-        """Grow back: pending replacements that came up join at this step boundary."""
-        if not self.pending or not self.coord.spec.worker_cls.failed_step_keeps_state:
+        """Grow back: pending replacements that came up join at this step boundary (seeded from live
+        peers: ranks of the same key, or with `Layout.seeds` of the same class, e.g. a rejoining
+        DiLoCo replica starts as a copy of a live one)."""
+        if not self.pending or not (self.coord.spec.worker_cls.failed_step_keeps_state or
+                                    self.coord.layout().seeds is not None):
             return
         ready_refs = {ref for ref in ray.wait([r for _, r in self.pending], num_returns=len(self.pending),
                                               timeout=0)[0]}
@@ -126,11 +166,13 @@ class Recovery:
         if not joining:
             return
         coord, group = self.coord, self.coord.group
-        joining = joining[:coord.cfg.cluster.num_workers - group.world_size]
+        joining = joining[:joinable(len(joining), coord.cfg.cluster.num_workers - group.world_size,
+                                    coord.layout().unit)]
         if not joining:
             return
         grown = coord.spec.worker_cls.layout(coord.cfg.strategy, group.world_size + len(joining))
-        if peer_plan(grown, {r: coord.step for r in range(group.world_size)}) is None:
+        live = {r: coord.step for r in range(group.world_size)}  # at a step boundary: all clean
+        if peer_plan(grown, live, set(live)) is None:
             return  # a joining rank would hold state no live rank has: they stay pending (abandon() reaps them)
         t0 = time.monotonic()
         joined = {id(a) for a, _ in joining}
@@ -138,7 +180,7 @@ class Recovery:
         group.set_members(group.actors + [a for a, _ in joining],
                           group.addresses + [ray.get(ref) for _, ref in joining])
         group.form_group()
-        self._sync_state({r: coord.step for r in range(group.world_size - len(joining))})
+        self._sync_state(live, set(live))
         self._resized()
         coord.metrics.event(step, "grown", workers=group.world_size, seconds=time.monotonic() - t0)
         log.info("grew back to %d workers at step %d", group.world_size, step)
@@ -155,17 +197,39 @@ class Recovery:
         self.pending = []
 
 
-def peer_plan(layout: Layout, steps: dict[int, int]) -> tuple[int, dict[int, int]] | None:
+def surviving_units(world_size: int, missing: set[int], unit: int) -> list[int]:
+    """The ranks kept after a fault, in rank order: those of every unit of `unit` consecutive ranks
+    (ranks u*unit .. u*unit+unit-1) with no rank in `missing`; a unit with a missing rank is dropped whole."""
+    assert unit >= 1 and world_size % unit == 0, (world_size, unit)
+    return [r for r in range(world_size) if not any(m // unit == r // unit for m in missing)]
+
+
+def joinable(ready: int, room: int, unit: int) -> int:
+    """How many of `ready` pending workers may join a world with `room` free places: whole units only."""
+    return max(0, min(ready, room)) // unit * unit
+
+
+def peer_plan(layout: Layout, steps: dict[int, int],
+              clean: set[int] | None = None) -> tuple[int, dict[int, int]] | None:
     """(step, {rank: source rank}) that brings every rank of `layout` to one step by copying from
     live holders of its state key, or None when some key has no live holder at a common step.
     `steps`: {live rank: last applied step}. The most advanced common step wins; the lowest
-    holder is the source; ranks already at that step are not copied."""
-    keys = layout.state_keys
-    for step in sorted(set(steps.values()), reverse=True):
-        source: dict[str, int] = {}
-        for r in sorted(steps):
-            if steps[r] == step and r < len(keys):
-                source.setdefault(keys[r], r)
-        if all(key in source for key in keys):
-            return step, {r: source[key] for r, key in enumerate(keys) if steps.get(r) != step}
+    holder is the source; ranks already at that step are not copied. `clean`: the ranks whose
+    state may be copied (default: every live one); any other rank is copied to. With
+    `layout.seeds`, a key that no clean rank holds at the step is copied from the lowest clean
+    holder of a key of the same seed class (a lost replica from a live peer replica)."""
+    keys, seeds = layout.state_keys, layout.seeds
+    ok = {r for r in steps if r < len(keys) and (clean is None or r in clean)}
+    for step in sorted({steps[r] for r in ok}, reverse=True):
+        holder: dict[str, int] = {}
+        seeder: dict[str, int] = {}
+        for r in sorted(ok):
+            if steps[r] == step:
+                holder.setdefault(keys[r], r)
+                if seeds is not None:
+                    seeder.setdefault(seeds[r], r)
+        source = {r: holder.get(key, seeder.get(seeds[r]) if seeds is not None else None)
+                  for r, key in enumerate(keys)}
+        if all(s is not None for s in source.values()):
+            return step, {r: s for r, s in source.items() if r not in ok or steps[r] != step}
     return None

@@ -39,6 +39,7 @@ class WorkerFailure(Exception):
     hung: set[int] = field(default_factory=set)
     detected_at: float = field(default_factory=time.monotonic)
     errors: dict[int, str] = field(default_factory=dict)  # rank -> last line of what it raised
+    results: dict[int, Any] = field(default_factory=dict)  # rank -> what the ranks that succeeded returned
 
     def __str__(self) -> str:
         return f"dead={sorted(self.dead)} hung={sorted(self.hung)} errored={sorted(self.errored)}"
@@ -178,6 +179,7 @@ class WorkerGroup:
         if self.on_wait is not None:
             self.on_wait("")
         failure.hung = {self._ref_rank.get(ref, -1) for ref in pending}
+        failure.results = {self._ref_rank.get(ref, -1): res for ref, res in results.items()}
         for ref in refs:
             self._ref_rank.pop(ref, None)
         if failure.dead or failure.errored or failure.hung:

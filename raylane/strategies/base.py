@@ -42,16 +42,25 @@ class Layout:
     model part rank r builds (None: the whole model; plain data). `groups`: name -> disjoint
     tuples of ranks; a rank joins the tuple that holds it as the named Communicator `ctx.comms[name]`.
     `elastic=False`: the world may not shrink after a fault (a lost rank must be replaced).
+    `unit`: the world shrinks and grows only by whole units of `unit` consecutive ranks (a
+    multi-rank replica: a unit with a lost rank is dropped whole); the world is whole units.
+    `seeds[r]` (optional): the class of rank r's state key: after a fault, a key that no clean live
+    rank holds may be seeded from a clean live holder of another key of the same class (a lost
+    replica restarts from a copy of a live peer replica; strategies whose replicas differ opt in).
     """
 
     state_keys: tuple[str, ...]
     parts: tuple[Any, ...]
     groups: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     elastic: bool = True
+    unit: int = 1
+    seeds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.state_keys)
         assert len(self.parts) == n, (len(self.parts), n)
+        assert self.seeds is None or len(self.seeds) == n, (self.seeds, n)
+        assert self.unit >= 1 and n % self.unit == 0, (n, self.unit)
         for name, tuples in self.groups.items():
             members = [r for t in tuples for r in t]
             assert len(members) == len(set(members)) and all(0 <= r < n for r in members), (name, tuples)

@@ -24,17 +24,19 @@ bytes_total, peak_bytes_step (payload bytes this rank sent for outer syncs, from
 compressor's formula, which the Communicator's counters match), in_flight, drift (norm of
 local - global before the sync), outer_grad_norm (of the merged mean outer gradient).
 Outer state (global parameters, outer momentum, syncs in flight, error-feedback residuals,
-step) is in `state_dict()`; replicas differ, so each rank's copy is checkpointed.
+step) is in `state_dict()`; replicas differ, so each rank's copy is checkpointed. Recovery
+(`recover_from`): `checkpoint` (the default) rolls every replica back to the newest checkpoint and
+replays, bit-exact; `peer_replica` restores only the lost replica, from a live peer (`peer_seeded`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
 
 from raylane.comm import CompressionConfig, Communicator
-from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
+from raylane.strategies.base import DriverStrategy, Layout, WorkerCalls, WorkerContext, WorkerStrategy, register
 from raylane.strategies.ddp import clip_and_step
 from raylane.strategies.diloco_fragments import PATTERNS, SyncSchedule, split_parameters
 from raylane.strategies.diloco_outer import OuterSync
@@ -53,8 +55,10 @@ class DiLoCoConfig:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True  # (Nesterov with outer_momentum=0 is plain SGD)
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # of outer gradients
+    recover_from: str = "checkpoint"  # checkpoint | peer_replica: what a lost replica restarts from
 
     def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.recover_from", self.recover_from, RECOVER_FROM)
         check(self.sync_every >= 1, f"{prefix}.sync_every", self.sync_every, "must be >= 1")
         check(1 <= self.fragments <= self.sync_every, f"{prefix}.fragments", self.fragments,
               f"must be in [1, {prefix}.sync_every={self.sync_every}]")
@@ -81,22 +85,45 @@ class DiLoCoConfig:
 
     def warn_run(self, run: Any) -> list[str]:
         """Legal settings that make a run look broken: fewer than two outer steps."""
+        warnings = []
+        if self.recover_from == "peer_replica" and self.overlap_steps:
+            warnings.append(f"strategy.recover_from=peer_replica needs strategy.overlap_steps=0 (no sync in flight "
+                            f"between steps); with overlap_steps={self.overlap_steps} a fault restores the checkpoint")
         outer = run.train.steps // self.sync_every
         if outer >= 2:
-            return []
-        return [f"train.steps={run.train.steps} gives {outer} outer step(s) with strategy.sync_every={self.sync_every}: "
-                f"the eval scores the global (outer) parameters, which only move at an outer step; "
-                f"use train.steps >= {2 * self.sync_every} or a smaller strategy.sync_every"]
+            return warnings
+        return warnings + [
+            f"train.steps={run.train.steps} gives {outer} outer step(s) with strategy.sync_every={self.sync_every}: "
+            f"the eval scores the global (outer) parameters, which only move at an outer step; "
+            f"use train.steps >= {2 * self.sync_every} or a smaller strategy.sync_every"]
 
     def eval_label(self, step: int) -> str:
         """What the run's eval loss scores (the summary says it beside the number)."""
         return f"global (outer) parameters, {step // self.sync_every} outer steps"
 
 
+RECOVER_FROM = ("checkpoint", "peer_replica")
+
+
+def peer_seeded(cfg: DiLoCoConfig, layout: Layout, seed_of: Callable[[int], str]) -> Layout:
+    """`layout` with seed classes (`seed_of(rank)`) when `cfg.recover_from` is peer_replica and no
+    sync is in flight between steps (overlap_steps = 0): a rank lost at a step with no outer sync
+    is restored, with the rest of its replica, from a copy of a live peer replica that completed
+    the step, and the other replicas keep their state (no rollback). The copied replica's inner
+    progress since its last sync is replaced by the peer's. Otherwise: the newest checkpoint."""
+    if cfg.recover_from != "peer_replica" or cfg.overlap_steps:
+        return layout
+    return replace(layout, seeds=tuple(seed_of(r) for r in range(len(layout.state_keys))))
+
+
 class DiLoCoWorker(WorkerStrategy):
     replicas_identical = False
     failed_step_keeps_state = False  # inner steps are local: a failed outer sync leaves them applied
     eval_views = ("global", "replica_avg")
+
+    @classmethod
+    def layout(cls, cfg: DiLoCoConfig, world_size: int) -> Layout:
+        return peer_seeded(cfg, super().layout(cfg, world_size), lambda r: "replica")
 
     def __init__(self, cfg: DiLoCoConfig, ctx: WorkerContext):
         super().__init__(cfg, ctx)

@@ -6,11 +6,18 @@ default group is the replica's inner group, formed per generation under the stor
 destroyed (its gradient hooks removed), DeepSpeed's cached groups are released
 (`deepspeed.comm.destroy_process_group`) and a fresh engine is built over the new generation; each
 rank keeps its own parameters (not the initial broadcast from local rank 0, which may be a fresh
-replacement) and its optimizer state (ZeRO 0-2; ZeRO-3 raises).
+replacement) and its optimizer state. ZeRO-3: the module's partitioned parameters are replaced by
+plain ones of their full shape (zeros: no rank holds the whole model, and the lost rank's
+partitions are gone) and DeepSpeed's module attributes are dropped (`_unpartition`); the new engine
+partitions them afresh (same shapes and replica size: the same partition per rank, module and
+parameter ids numbered as in a fresh process) and each rank writes back its own fp32 partition; a
+replacement gets its partition from a peer replica (hsdp) or the checkpoint, via `load_state_dict`.
+DeepSpeed's ZeRO-3 state (partitions, `state_dict`) holds tensors only: nothing is unpickled.
 
 The optimizer is the worker's torch optimizer (`optimizer=`: no DeepSpeed CPU-Adam build needed);
 ZeRO 1-3 re-point its param groups at this rank's fp32 partitions, so `optimizer.state_dict()`
-is this rank's shard of the optimizer state (tensors only). The lr is set on it every step;
+is this rank's shard of the optimizer state (tensors only; ZeRO-3 empties the groups inside its
+step, so between steps the engine puts the partitions back: `_at_rest`). The lr is set on it every step;
 `optim.grad_clip` becomes DeepSpeed's `gradient_clipping` (the norm of the replica's gradient).
 With an `outer` Communicator (hsdp), an optimizer pre-step hook averages the gradient of each
 partition across replicas: DeepSpeed has reduced it inside the replica just before.
@@ -65,6 +72,17 @@ def join_default_group(store: StoreAddress, replica: int, rank: int, size: int) 
     dist.init_process_group(store.backend, store=prefixed, rank=rank, world_size=size, timeout=timeout)
 
 
+def _restart_zero3_ids() -> None:
+    """Number modules and parameters from 0, as in a fresh process: ZeRO-3's first traced step checks
+    that the ranks of a replica agree on these ids, and a rebuilt rank's process-wide counters (one of
+    them a mutable default argument) have run on since its first engine."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    Init.param_id = 0
+    DeepSpeedZeRoOffload._register_deepspeed_module.__defaults__[0][0] = 0
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -76,6 +94,8 @@ class DeepSpeedEngine:
         ctx.optimizer.register_step_pre_hook(self._average_across_replicas)
         if zero_stage == 0:
             self._flatten()
+        # ZeRO-3 adds attributes to every module; `_unpartition` drops them before a rebuild
+        self._plain_attrs = [(m, set(m.__dict__)) for m in ctx.model.modules()]
         join_default_group(ctx.store, replica, inner.rank, inner.world_size)
         self._build()
 
@@ -103,10 +123,20 @@ class DeepSpeedEngine:
                 "comms_logger": {"enabled": True, "prof_all": True, "verbose": False, "debug": False}}
 
     def _build(self) -> None:
+        if self.stage == 3:
+            _restart_zero3_ids()
         self.engine, *_ = self.ds.initialize(model=self.ctx.model, optimizer=self.ctx.optimizer,
                                              config=self._config(), dist_init_required=False)
         self._index()
+        self._at_rest()
         self._ds_log().comms_dict.clear()  # the initial broadcast of the model is not a step's traffic
+
+    def _at_rest(self) -> None:
+        """ZeRO-3 empties the torch optimizer's param groups outside its step (it fills them per
+        sub-group inside): between steps they hold this rank's fp32 partitions, as with ZeRO 1-2."""
+        if self.stage == 3:
+            self.engine.optimizer._clear_fp32_optimizer_param_groups()
+            self.engine.optimizer._set_fp32_optimizer_param_groups()
 
     def _index(self) -> None:
         opt, rank, size = self.engine.optimizer, self.inner.rank, self.inner.world_size
@@ -139,12 +169,15 @@ class DeepSpeedEngine:
         for group in self.ctx.optimizer.param_groups:
             group["lr"] = lr
         self.outer = outer
+        if self.stage == 3:  # its step fills the groups one sub-group at a time
+            self.engine.optimizer._clear_fp32_optimizer_param_groups()
         try:
             loss = self.ctx.loss(batch)
             self.engine.backward(loss)
             self.engine.step()
         finally:
             self.outer = None
+            self._at_rest()
         norm = self.engine.get_global_grad_norm()
         return loss.item(), float(norm) if norm is not None else float("nan")
 
@@ -162,30 +195,70 @@ class DeepSpeedEngine:
             gathered = torch.cat(self.inner.allgather(shard.master.detach().clone()))
             shard.flat[:gathered.numel()].copy_(gathered)
 
+    def gathered(self) -> Any:
+        """A context in which the module holds its whole parameters (ZeRO-3: gathered inside the
+        replica, a collective every rank of the replica enters; else nothing to do)."""
+        return self.ds.zero.GatheredParameters(list(self.ctx.model.parameters()), enabled=self.stage == 3)
+
     # -- faults and state -------------------------------------------------------------
     def set_comm(self, inner: Communicator, store: StoreAddress) -> None:
-        if self.stage == 3:
-            raise NotImplementedError("recovery in place of a ZeRO-3 replica is not implemented (its parameters "
-                                      "are partitioned over the lost group); use zero_stage <= 2, or restart "
-                                      "from the checkpoint")
-        assert inner.world_size == self.inner.world_size, "a replica keeps its size (layout.elastic=False)"
+        assert inner.world_size == self.inner.world_size, \
+            "the replica's size changed: recovery keeps replicas whole (layout.unit = ranks_per_replica)"
+        frozen = [n for n, p in self.ctx.model.named_parameters() if not p.requires_grad]
+        if self.stage == 3 and frozen:  # their partitions are in no fp32 state a peer or checkpoint holds
+            raise NotImplementedError(f"recovery in place of a ZeRO-3 replica with frozen parameters ({frozen[0]}, "
+                                      "...) is not implemented; use zero_stage <= 2")
         opt = self.ctx.optimizer
-        saved = opt.state_dict()
+        saved = opt.state_dict()  # this rank's partition of the optimizer state, by index
+        # ZeRO-3: this rank's fp32 partition (its step follows its last collective, so a failed step
+        # left it as of the last applied step); ZeRO 0-2: empty (the master comes from the module)
+        own = self.state_dict()
         self.engine.destroy()
-        params = [p for p in self.ctx.model.parameters() if p.requires_grad]
-        for p in params:
-            p.grad = None  # a failed step may have left gradients the new engine would add to
+        if self.stage == 3:
+            params = self._unpartition()
+        else:
+            params = [p for p in self.ctx.model.parameters() if p.requires_grad]
+            for p in params:
+                p.grad = None  # a failed step may have left gradients the new engine would add to
+            kept = [p.detach().clone() for p in params]  # this rank's parameters as of its last applied step
         opt.param_groups[0]["params"] = params  # back to the module's parameters, as DeepSpeed expects
         opt.state.clear()
-        own = [p.detach().clone() for p in params]  # this rank's parameters as of its last applied step
         self.inner = inner
         join_default_group(store, self.replica, inner.rank, inner.world_size)
         self._build()  # broadcasts the module from local rank 0, which may be a fresh replacement
-        with torch.no_grad():
-            for p, value in zip(params, own):
-                p.copy_(value)
-        self.load_state_dict({})  # DeepSpeed's fp32 master partition from the module
+        if self.stage != 3:
+            with torch.no_grad():
+                for p, value in zip(params, kept):
+                    p.copy_(value)
+        self.load_state_dict(own)  # ZeRO-3: the saved partition; else the master from the module
         opt.load_state_dict(saved)  # by index: the same partition of the same replica size
+
+    @torch.no_grad()
+    def _unpartition(self) -> list[torch.nn.Parameter]:
+        """ZeRO-3, engine destroyed: make the module as a fresh process's, so that the next engine
+        partitions it afresh as in a replacement. Plain parameters of the full shapes (zeros; tied
+        ones stay tied) replace the partitioned ones, which belong to the lost group; DeepSpeed's
+        module attributes go (its backward hooks' autograd functions hold the old engine), and so
+        does the module's entry on its forward stack. Returns the trainable parameters."""
+        from deepspeed.runtime.zero import parameter_offload
+
+        fresh: dict[int, torch.nn.Parameter] = {}
+        for module, attrs in self._plain_attrs:
+            plain = {}
+            for name, p in module._parameters.items():
+                if p is not None and hasattr(p, "ds_shape"):
+                    if id(p) not in fresh:
+                        t = p.ds_tensor
+                        fresh[id(p)] = torch.nn.Parameter(torch.zeros(p.ds_shape, dtype=t.dtype, device=t.device),
+                                                          requires_grad=p.requires_grad)
+                    p = fresh[id(p)]
+                plain[name] = p
+            for attr in set(module.__dict__) - attrs:
+                del module.__dict__[attr]
+            module._parameters = plain  # also drops DeepSpeed's ZeROOrderedDict
+        stack = parameter_offload.FWD_MODULE_STACK
+        stack[:] = [m for m in stack if m is not self.ctx.model]
+        return [p for p in self.ctx.model.parameters() if p.requires_grad]
 
     def extra_bytes_sent(self) -> int:
         """Bytes DeepSpeed's own collectives sent from this rank since the last call (estimated)."""

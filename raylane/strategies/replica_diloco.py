@@ -10,10 +10,18 @@ as comm/inner; ZeRO-3 only writes its partition). Streaming fragments are cut al
 shards (a rank syncs the part of fragment p it owns); with ZeRO-3 the partition is not a slice of
 the parameter vector, so fragments must be 1 (a config error otherwise).
 
-Keys: one state per (replica, shard): `replica_<q>_shard_<s>`. Replicas differ, so recovery restores
-the newest checkpoint (as diloco). The evaluation view is "global" (the outer parameters, published
-into the replica for the duration). Metrics as diloco's (diloco/bytes_this_step: this rank's outer
-payload, i.e. its shard's), plus the engine metrics of replicas.py.
+Keys: one state per (replica, shard): `replica_<q>_shard_<s>`. Recovery (`recover_from`, default
+`peer_replica` here): a rank lost at a step with no outer sync takes its replica with it: every rank
+of that replica gets a copy of shard s of the lowest live replica that completed the step (seed class
+`shard_<s>`), the other replicas keep their state and the step stands; a fault in an outer sync (every
+replica's step failed), overlap_steps > 0 or `recover_from=checkpoint` restore the newest checkpoint.
+A replica whose lost rank is not replaced is dropped whole (elastic by replicas): the Q' replicas left
+are renumbered in rank order and, when they restore a checkpoint, load replicas 0..Q'-1 of it (each
+rank the shard of its local rank of one saved replica: a replica's shards come from one replica).
+A replica that grows back (`maybe_grow`) starts as a copy of a live replica (the same seed classes).
+The evaluation view is "global" (the outer parameters, published into the replica for the duration).
+Metrics as diloco's (diloco/bytes_this_step: this rank's outer payload, i.e. its shard's), plus the
+engine metrics of replicas.py.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from raylane.strategies.base import Layout, WorkerContext, register
-from raylane.strategies.diloco import DiLoCoConfig, DiLoCoDriver, DiLoCoWorker
+from raylane.strategies.diloco import DiLoCoConfig, DiLoCoDriver, DiLoCoWorker, peer_seeded
 from raylane.strategies.diloco_fragments import SyncSchedule, split_parameters
 from raylane.strategies.diloco_outer import OuterSync
 from raylane.strategies.replica_engine import owned_pieces
@@ -36,6 +44,7 @@ class ReplicaDiLoCoConfig(DiLoCoConfig):
     name: str = "replica_diloco"
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 1  # deepspeed's ZeRO stage, 0-3
+    recover_from: str = "peer_replica"  # a lost rank's replica restarts from a live peer replica (diloco.py)
     ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
     eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
 
@@ -61,20 +70,23 @@ class ReplicaDiLoCoWorker(ReplicaWorker):
 
     def __init__(self, cfg: ReplicaDiLoCoConfig, ctx: WorkerContext):
         super().__init__(cfg, ctx)
-        owned = self.engine.owned
-        if owned[0].flat is None:  # ZeRO-3: the whole partition is the one fragment
-            parts = [[(f"partition{i}", s.master) for i, s in enumerate(owned)]]
-        else:
-            fragments = split_parameters(ctx.model, cfg.fragments, cfg.fragment_pattern)
-            parts = [[piece for shard in owned for piece in owned_pieces(shard, frag)] for frag in fragments]
         self.schedule = SyncSchedule(cfg.sync_every, cfg.fragments, cfg.overlap_steps)
         compressor = cfg.compression.build(rank=ctx.rank, prefix="strategy.compression")
-        self.outer = OuterSync(parts, cfg, compressor, ctx.comms["outer"])
+        self.outer = OuterSync(self._parts(), cfg, compressor, ctx.comms["outer"])
         self.step, self.bytes_total, self.peak_bytes_step = 0, 0, 0
+
+    def _parts(self) -> list[list[tuple[str, Any]]]:
+        """Per fragment: (name, view of this rank's fp32 master) for each piece of it this rank owns."""
+        owned = self.engine.owned
+        if owned[0].flat is None:  # ZeRO-3: the whole partition is the one fragment
+            return [[(f"partition{i}", s.master) for i, s in enumerate(owned)]]
+        fragments = split_parameters(self.ctx.model, self.cfg.fragments, self.cfg.fragment_pattern)
+        return [[piece for shard in owned for piece in owned_pieces(shard, frag)] for frag in fragments]
 
     @classmethod
     def layout(cls, cfg: ReplicaDiLoCoConfig, world_size: int) -> Layout:
-        return replica_layout(world_size, cfg.ranks_per_replica, lambda q, s: f"replica_{q}_shard_{s}")
+        layout = replica_layout(world_size, cfg.ranks_per_replica, lambda q, s: f"replica_{q}_shard_{s}")
+        return peer_seeded(cfg, layout, lambda r: f"shard_{r % cfg.ranks_per_replica}")
 
     def train_step(self, batch: Any, lr: float) -> dict[str, float]:
         loss, norm = self.engine.train_step(batch, lr)
@@ -103,8 +115,13 @@ class ReplicaDiLoCoWorker(ReplicaWorker):
             self.engine.publish()
 
     def set_comm(self, comm: Any) -> None:
+        """A DeepSpeed engine is rebuilt with new fp32 master tensors (the same pieces, as the replica
+        keeps its size): the outer sync's local views are re-pointed at them."""
         super().set_comm(comm)
         self.outer.set_comm(self.ctx.comms["outer"])
+        for fragment, part in zip(self.outer.fragments, self._parts()):
+            assert fragment.names == [name for name, _ in part], (fragment.names, part)
+            fragment.local = [piece for _, piece in part]
 
     def state_dict(self) -> dict[str, Any]:
         return {**DiLoCoWorker.state_dict(self), "engine": self.engine.state_dict()}

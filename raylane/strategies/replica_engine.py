@@ -17,6 +17,7 @@ inner reduce-scatter, outer all-reduce of the owned shard, inner all-gather.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,9 +129,12 @@ class TorchEngine:
         shard = self.owned[0]
         self.flat.copy_(torch.cat(self.inner.allgather(shard.master.clone())))
 
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # every rank holds the whole model
+
     def set_comm(self, inner: Communicator, store: Any) -> None:
         assert inner.world_size * self.owned[0].master.numel() == self.flat.numel(), \
-            "the replica's size changed: recovery keeps ranks_per_replica fixed (layout.elastic=False)"
+            "the replica's size changed: recovery keeps replicas whole (layout.unit = ranks_per_replica)"
         self.inner = inner
         self._index()
 

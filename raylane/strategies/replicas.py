@@ -5,7 +5,9 @@ strategy syncs the replicas. This module holds what both outer strategies share,
 Layout (rank r = replica r // R, local rank r % R): groups `inner` (the R ranks of each replica) and
 `outer` (the ranks with the same local rank in every replica). Each local rank owns one shard of the
 replica's fp32 master parameters (replica_engine.py) and syncs only that shard across replicas.
-The layout is not elastic: a lost rank must be replaced (a replica keeps its R ranks).
+The layout is elastic by whole replicas (`unit` = R): a lost rank is replaced; when its replacement
+does not come up, its whole replica is dropped and the run goes on with fewer replicas (replicas
+are renumbered in rank order; `cluster.min_workers` must then be a multiple of R).
 `cluster.ranks_per_replica` reaches the strategy config (`ranks_per_replica`, not a user key)
 through `check_run` at validation, because a layout sees only the strategy config.
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from raylane.strategies.base import Layout, WorkerContext, WorkerStrategy, register
 from raylane.strategies.replica_engine import ENGINES, ZERO_STAGES, build_engine
@@ -51,14 +54,15 @@ def bind_cluster(cfg: Any, run: Any) -> None:
 
 
 def replica_layout(world_size: int, ranks_per_replica: int, key: Callable[[int, int], str]) -> Layout:
-    """inner/outer groups for replicas of R ranks; `key(replica, local_rank)` names each rank's state."""
+    """inner/outer groups for replicas of R ranks; `key(replica, local_rank)` names each rank's state.
+    Elastic by whole replicas: the world shrinks and grows by units of R ranks."""
     r = ranks_per_replica
     if world_size % r:
         raise ValueError(f"a world of {world_size} ranks is not whole replicas of {r} ranks")
     inner = tuple(tuple(range(i * r, (i + 1) * r)) for i in range(world_size // r))
     outer = tuple(tuple(range(s, world_size, r)) for s in range(r))
     keys = tuple(key(q // r, q % r) for q in range(world_size))
-    return Layout(keys, (None,) * world_size, {"inner": inner, "outer": outer}, elastic=False)
+    return Layout(keys, (None,) * world_size, {"inner": inner, "outer": outer}, elastic=True, unit=r)
 
 
 def sharded(cfg: Any) -> bool:
@@ -90,25 +94,38 @@ class ReplicaWorker(WorkerStrategy):
 
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]] | None:
         """ZeRO-3 gathers parameters inside every forward: the ranks of a replica evaluate the same
-        batches (the replica's share) in lock step and only local rank 0 counts them. Otherwise None:
-        the worker's own loop."""
+        batches (the replica's share) in lock step and only local rank 0 counts them, in the worker's
+        shape (loss sum, batches; `<view>/accuracy`: correct, samples). Otherwise None: the
+        worker's own loop."""
         if not (self.cfg.engine == "deepspeed" and self.cfg.zero_stage == 3):
             return None
         ctx, r = self.ctx, self.cfg.ranks_per_replica
         counts = ctx.rank % r == 0
         bs = ctx.batch(0)[1].shape[0]
+        device = next(ctx.model.parameters()).device
         out: dict[str, tuple[float, int]] = {}
         for view in self.eval_views:
-            total, count = 0.0, 0
+            total, count, correct, samples = 0.0, 0, 0, 0
             with self.eval_parameters(view), torch.no_grad():
                 for i in range(self.replica, self.cfg.eval_batches, max(1, num_shards // r)):
-                    total += ctx.loss(ctx.data.eval_batch(i, bs)).item()
+                    x, y = (t.to(device) for t in ctx.data.eval_batch(i, bs))
+                    logits = ctx.model(x)  # the worker's loss_fn, on logits kept for the accuracy
+                    total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
                     count += 1
+                    correct += int((logits.argmax(-1) == y).sum())
+                    samples += y.numel()
             out[view] = (total, count) if counts else (0.0, 0)
             if getattr(ctx.data, "classification", False):
-                raise NotImplementedError("eval/accuracy with zero_stage=3 is not implemented; use a "
-                                          "language-model dataset (data=chars) or zero_stage <= 2")
+                out[f"{view}/accuracy"] = (correct, samples) if counts else (0, 0)
         return out
+
+    @torch.no_grad()
+    def full_parameters(self) -> torch.Tensor:
+        """The first evaluation view's parameters as one flat vector, whole also under ZeRO-3 (a
+        collective inside the replica: every rank of it calls this; TrainWorker.flat_parameters
+        would see ZeRO-3's empty placeholders)."""
+        with self.eval_parameters(self.eval_views[0]), self.engine.gathered():
+            return torch.cat([p.detach().reshape(-1).cpu().clone() for p in self.ctx.model.parameters()])
 
     def state_dict(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict()}
