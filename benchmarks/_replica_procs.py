@@ -34,8 +34,7 @@ def _entry(cfg: Any, rank: int, port: int, steps: int, regen_at: int | None, out
         if hasattr(worker.strategy, "finish_syncs"):
             worker.strategy.finish_syncs()
         evaluation = worker.evaluate(world)
-        whole = getattr(worker.strategy, "full_parameters", worker.flat_parameters)  # ZeRO-3: gathered
-        out.put((rank, "ok", {"losses": losses, "params": whole().numpy(), "metrics": metrics,
+        out.put((rank, "ok", {"losses": losses, "params": worker.flat_parameters().numpy(), "metrics": metrics,
                               "steps": steps_metrics, "eval": evaluation}))
     except BaseException:  # noqa: BLE001 - reported to the parent
         out.put((rank, "error", traceback.format_exc()))

@@ -166,6 +166,13 @@ class WorkerStrategy:
         the model's own). May use collectives: every rank evaluates every view."""
         yield
 
+    @torch.no_grad()
+    def full_parameters(self) -> torch.Tensor:
+        """The first evaluation view's parameters as one flat CPU vector (`TrainWorker.flat_parameters`).
+        A strategy whose parameters are partitioned gathers them here (a collective: every rank calls it)."""
+        with self.eval_parameters(self.eval_views[0]):
+            return torch.cat([p.detach().reshape(-1).cpu() for p in self.ctx.model.parameters()])
+
     def set_comm(self, comm: Communicator) -> None:
         self.ctx.comm = comm
 

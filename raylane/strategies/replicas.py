@@ -122,8 +122,7 @@ class ReplicaWorker(WorkerStrategy):
     @torch.no_grad()
     def full_parameters(self) -> torch.Tensor:
         """The first evaluation view's parameters as one flat vector, whole also under ZeRO-3 (a
-        collective inside the replica: every rank of it calls this; TrainWorker.flat_parameters
-        would see ZeRO-3's empty placeholders)."""
+        collective inside the replica: every rank of it calls this)."""
         with self.eval_parameters(self.eval_views[0]), self.engine.gathered():
             return torch.cat([p.detach().reshape(-1).cpu().clone() for p in self.ctx.model.parameters()])
 

@@ -244,8 +244,8 @@ class TrainWorker:
             self.strategy.load_local_state_dict(local.get("strategy", {}))
 
     def flat_parameters(self) -> torch.Tensor:
-        with self.strategy.eval_parameters(self.strategy.eval_views[0]):
-            return torch.cat([p.detach().reshape(-1).cpu() for p in self.model.parameters()])
+        """The first evaluation view's parameters, flat (whole also where the strategy partitions them)."""
+        return self.strategy.full_parameters()
 
     def comm_stats(self) -> dict[str, Any]:
         return self.comm.stats.as_dict()
