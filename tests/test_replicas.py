@@ -88,19 +88,27 @@ def test_bad_replica_config_is_one_line(tmp_path, overrides, message):
 
 
 # -- equivalences on plain processes ----------------------------------------------------------
+def _h1_replica_diloco_equals_ddp(tmp_path, zero_stage: int):
+    """replica_diloco, 2 replicas x 2 DeepSpeed ranks, H=1, outer SGD lr=1 without momentum, groups
+    re-formed after step 2: its loss curve and (global, gathered) parameters equal ddp's over 4 ranks.
+    Returns (cfg, per-rank results, ddp's parameters, ddp's eval loss)."""
+    cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
+               "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
+               f"strategy.zero_stage={zero_stage}")
+    results = train_ranks(cfg, 4, regen_at=2)
+    losses, params, eval_loss = _reference(cfg, 4)
+    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
+    for r in results:
+        np.testing.assert_allclose(r["params"], params, atol=1e-5)
+    return cfg, results, params, eval_loss
+
+
 def test_replica_diloco_deepspeed_zero1_with_h1_equals_ddp_over_all_ranks(tmp_path):
     """2 replicas x 2 ranks, ZeRO-1 inside, DiLoCo H=1 with outer SGD lr=1 (no momentum) across:
     each outer step sets the parameters to the replicas' mean, which with inner SGD is ddp's step.
     The groups re-form after step 2 (the engine is rebuilt with new fp32 masters: the outer sync
     must follow them)."""
-    cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
-               "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
-               "strategy.zero_stage=1")
-    results = train_ranks(cfg, 4, regen_at=2)
-    losses, params, _ = _reference(cfg, 4)
-    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
-    for r in results:
-        np.testing.assert_allclose(r["params"], params, atol=1e-5)
+    _, results, params, _ = _h1_replica_diloco_equals_ddp(tmp_path, zero_stage=1)
     m = results[0]["metrics"]
     n = params.size
     assert m["diloco/bytes_this_step"] == 4 * n // 2  # rank 0 sent the outer gradient of its half only
@@ -114,14 +122,7 @@ def test_replica_diloco_deepspeed_zero3_with_h1_equals_ddp_and_evaluates_in_lock
     (every rank of a replica running the same batches, local rank 0 counting) scores ddp's model.
     The groups re-form after step 2: the engine is rebuilt over the partitioned module, each rank
     keeps its partition and the outer sync follows the new one."""
-    cfg = _cfg(tmp_path, *SGD, "strategy=replica_diloco", "cluster.ranks_per_replica=2", "strategy.sync_every=1",
-               "strategy.outer_lr=1", "strategy.outer_momentum=0", "strategy.engine=deepspeed",
-               "strategy.zero_stage=3")
-    results = train_ranks(cfg, 4, regen_at=2)
-    losses, params, eval_loss = _reference(cfg, 4)
-    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-5)
-    for r in results:  # the global parameters, gathered inside each replica
-        np.testing.assert_allclose(r["params"], params, atol=1e-5)
+    cfg, results, _, eval_loss = _h1_replica_diloco_equals_ddp(tmp_path, zero_stage=3)
     total, count = (sum(r["eval"]["global"][i] for r in results) for i in (0, 1))
     assert count == cfg.data.eval_batches  # each batch counted once, by one replica's local rank 0
     assert total / count == pytest.approx(eval_loss, rel=1e-5)
