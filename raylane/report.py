@@ -5,7 +5,8 @@
 Writes one self-contained HTML page: a summary table (one row per run: its strategy, the
 config keys that differ between the runs, losses, wall time, throughput, faults) and one plot
 per metric — loss vs step, loss vs wall time, loss vs bytes on the wire, step time, bytes per
-step — with one line per run and the runs' faults, recoveries and resumes marked on the curves.
+step — with one line per run (and, for an L-GreCo run, its plan: layers x steps, colour = bytes
+per value) and the runs' faults, recoveries and resumes marked on the curves.
 Numbers follow the summary's definitions (`orchestrator/summary.py`). Each step is shown once:
 rows a resume or rollback superseded are dropped, and time is made monotonic, also for files
 written before metrics.jsonl was rewritten on resume. Bad input (no metrics.jsonl, garbage in
@@ -207,6 +208,57 @@ def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: st
     return buf.getvalue()
 
 
+def plan_grid(records: list[dict[str, Any]]) -> tuple[list[str], list[int], list[list[float]]]:
+    """L-GreCo's plans (`lgreco/plan/<layer>/bytes_per_value`, logged at each (re)plan) as layers x
+    steps: each plan holds from its step until the next; ([], [], []) for a run without plans."""
+    prefix, suffix = "lgreco/plan/", "/bytes_per_value"
+    plans = [(r["step"], {k[len(prefix):-len(suffix)]: v for k, v in r.items()
+                          if k.startswith(prefix) and k.endswith(suffix) and v is not None})
+             for r in records if "event" not in r and any(k.startswith(prefix) for k in r)]
+    plans = [(step, plan) for step, plan in plans if plan]
+    if not plans:
+        return [], [], []
+    layers = list(dict.fromkeys(k for _, plan in plans for k in plan))
+    last = max([r["step"] for r in records if "event" not in r] + [plans[-1][0]])
+    steps = list(range(plans[0][0], last + 1))
+    grid, current, i = [[float("nan")] * len(steps) for _ in layers], {}, 0
+    for col, step in enumerate(steps):
+        while i < len(plans) and plans[i][0] <= step:
+            current.update(plans[i][1])
+            i += 1
+        for row, layer in enumerate(layers):
+            grid[row][col] = current.get(layer, float("nan"))
+    return layers, steps, grid
+
+
+def plan_figure(name: str, records: list[dict[str, Any]]) -> str:
+    """An SVG figure of a run's L-GreCo plan (layers x steps, colour = bytes per value, log scale);
+    "" for a run without one."""
+    layers, steps, grid = plan_grid(records)
+    if not layers:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.22 * len(layers)), dpi=100)
+    edges = [steps[0] - 0.5 + j for j in range(len(steps) + 1)]
+    values = [v for row in grid for v in row if v == v and v > 0]
+    mesh = ax.pcolormesh(edges, range(len(layers) + 1), grid, cmap="viridis", shading="flat",
+                         norm=LogNorm(vmin=min(values), vmax=max(values)) if values else None)
+    ax.set_yticks([i + 0.5 for i in range(len(layers))], labels=layers, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(title=f"L-GreCo plan: {name}", xlabel="step")
+    fig.colorbar(mesh, ax=ax, label="bytes per value (fp32: 4)")
+    buf = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    return f'<figure class="plot" data-metric="lgreco plan {html.escape(name)}">{buf.getvalue()}</figure>'
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, bool) or v is None:
         return html.escape("-" if v is None else str(v).lower())
@@ -231,6 +283,7 @@ def render(run_dirs: list[Path], title: str = "raylane report", extra_html: str 
     keys = differing_keys([_yaml(d / "config.yaml") for d in run_dirs])
     plots = "".join(f'<figure class="plot" data-metric="{html.escape(t)}">{_plot_svg(t, x, ys, xl, yl, runs)}</figure>'
                     for t, x, ys, xl, yl in PLOTS)
+    plots += "".join(plan_figure(name, records) for name, records in runs.items())
     table = table_html([summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)])
     style = ("body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:12px 0}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}"

@@ -300,7 +300,7 @@ def test_none_is_exact_full_precision():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"name": "int", "bits": 3}, "compression.bits=3: must be one of [4, 8]"),
+    ({"name": "int", "bits": 9}, "compression.bits=9: must be one of [2, 3, 4, 5, 6, 7, 8]"),
     ({"name": "powersgd", "rank": 0}, "compression.rank=0: must be an integer >= 1"),
     ({"name": "gzip"}, "compression.name='gzip': unknown compressor"),
     ({"name": "topk", "ratio": 1.5}, "compression.ratio=1.5: must be a number in (0, 1]"),

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 
 WORLD, STEPS, SPLIT = 3, 12, 7
 LGRECO = ["strategy=lgreco", "strategy.family=mixed", "strategy.warmup_steps=3", "strategy.adjust_every=3",
-          "strategy.accumulate_steps=2", "strategy.min_numel=256", "strategy.default_level=int4",
+          "strategy.accumulate_steps=2", "strategy.min_numel=256", "strategy.default_level=int:4:128",
           f"train.steps={STEPS}", f"cluster.num_workers={WORLD}", "optim.warmup_steps=2"]
 
 

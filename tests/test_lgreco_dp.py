@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raylane.strategies.lgreco_dp import choose_levels, solve_mckp
-from raylane.strategies.lgreco_levels import compressor, errors, in_range, wire_bytes
+from raylane.strategies.lgreco_levels import applies, compressor, errors, in_range, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,15 +97,16 @@ def test_zero_budget_keeps_only_exact_levels():
 def test_measured_errors_are_the_compressors_round_trip_errors():
     g = torch.Generator().manual_seed(0)
     acc = torch.randn(64, 48, generator=g) * torch.linspace(0.1, 3, 48)
-    levels = ["none", "int8", "int4", "sign", "topk:0.05", "powersgd:2", "powersgd:48"]
+    levels = ["none", "int:8:256", "int:4:128", "sign:256", "topk:0.05", "powersgd:2", "powersgd:48"]
     got = dict(zip(levels, errors(levels, acc)))
-    for level in ["int8", "int4", "sign", "topk:0.05"]:
+    for level in ["int:8:256", "int:4:128", "sign:256", "topk:0.05"]:
         c = compressor(level)
         real = (c.decompress(c.compress(acc)) - acc).double().norm().item()
         assert got[level] == pytest.approx(real, rel=1e-5)
     s = torch.linalg.svdvals(acc.double())
     assert got["powersgd:2"] == pytest.approx(s[2:].square().sum().sqrt().item())
-    assert got["none"] == 0.0 and math.isnan(got["powersgd:48"])  # rank 48 sends more than the matrix
+    assert got["none"] == 0.0 and got["powersgd:48"] == pytest.approx(0.0, abs=1e-9)  # full rank: exact
+    assert not applies("powersgd:48", (64, 48), 2)  # ... but it sends more than the matrix: no candidate
     assert math.isnan(errors(["powersgd:1"], torch.ones(5000))[0])  # a vector has no low rank
 
 
@@ -116,34 +117,40 @@ def test_wire_bytes_follow_each_collective():
     assert wire_bytes("powersgd:2", shape, world) == 2 * (world - 1) * 4 * 2 * (256 + 64)
     k = round(0.01 * 256 * 64)
     assert wire_bytes("topk:0.01", shape, world) == world * (world - 1) * k * 8  # allgather of values+indices
-    assert wire_bytes("int8", shape, world) == 2 * (world - 1) * (256 * 64 + 4 * 64)
+    assert wire_bytes("int:8:256", shape, world) == 2 * (world - 1) * (256 * 64 + 4 * 64)
 
 
-def test_benchmark_claims_are_ratios_of_the_rows():
+def test_benchmark_claims_are_ratios_of_the_rows_against_the_same_familys_default():
     from benchmarks.lgreco import claims
 
-    rows = [{"system": "ddp", "kind": "ddp", "eval_loss": 2.0, "bytes_total": 1000.0},
-            {"system": "u1", "kind": "uniform", "eval_loss": 2.01, "bytes_total": 300.0},
-            {"system": "u2", "kind": "uniform", "eval_loss": 2.5, "bytes_total": 50.0},
-            {"system": "lg", "kind": "lgreco", "eval_loss": 2.0, "bytes_total": 150.0}]
-    vs_uniform, vs_ddp = claims(rows)
-    assert vs_uniform["value"] == 2.0 and vs_uniform["holds"] and "u1" in vs_uniform["claim"]  # u2 errs more
-    assert vs_ddp["value"] == round(1000 / 150, 4) and vs_ddp["holds"]
-    rows[3]["eval_loss"] = 2.05  # 2.5% behind ddp: the ddp claim fails whatever the bytes
-    assert not claims(rows)[1]["holds"]
+    def row(system, family, kind, loss, nbytes):
+        return {"system": system, "family": family, "kind": kind, "eval_loss": loss, "bytes": nbytes}
+    rows = [row("ddp", "ddp", "ddp", 2.0, 1000.0), row("uniform topk:0.01", "topk", "default", 2.02, 300.0),
+            row("uniform topk:0.005", "topk", "cheaper", 2.5, 50.0), row("lgreco topk", "topk", "lgreco", 2.03, 150.0)]
+    runs = {r["system"]: [{"seed": 0, "bytes": r["bytes"]}] for r in rows}
+    vs_default, vs_ddp, any_family = claims(rows, runs, None)
+    assert vs_default["value"] == 2.0 and vs_default["holds"]  # +0.5% loss vs the default: passes
+    assert vs_ddp["value"] == round(1000 / 150, 4) and not vs_ddp["holds"]  # +1.5% behind ddp
+    assert any_family["value"] == vs_ddp["value"] and not any_family["holds"]
+    rows[3]["eval_loss"] = 1.9  # a better loss than the default's passes too
+    assert claims(rows, runs, None)[0]["holds"] and claims(rows, runs, None)[1]["holds"]
+    rows[3]["eval_loss"] = 2.05  # 1.5% worse than the default: fails whatever the bytes
+    assert not claims(rows, runs, None)[0]["holds"]
 
 
 def test_level_range_keeps_the_candidates_within_gamma_to_beta_times_the_default_bytes():
     shape, world = (512, 128), 4
-    kept_levels = [lv for lv in ["powersgd:1", "powersgd:8", "topk:0.001", "topk:0.03", "bf16", "int8", "int4",
-                                 "int2", "fp4_e2m1", "sign"] if in_range(lv, "int4", shape, world, [0.5, 2.0])]
+    kept_levels = [lv for lv in ["powersgd:1", "powersgd:8", "topk:0.001", "topk:0.03", "bf16", "int:8:256",
+                                 "int:4:128", "int:2:128", "fp4:e2m1:128", "sign:256"]
+                   if in_range(lv, "int:4:128", shape, world, [0.5, 2.0])]
     for lv in kept_levels:
-        assert 0.5 * 0.99 <= wire_bytes(lv, shape, world) / wire_bytes("int4", shape, world) <= 2.0 * 1.01
-    assert kept_levels == ["powersgd:8", "topk:0.03", "int8", "int4", "int2", "fp4_e2m1"]  # sign, bf16, rank 1 out
+        assert 0.5 * 0.99 <= wire_bytes(lv, shape, world) / wire_bytes("int:4:128", shape, world) <= 2.0 * 1.01
+    # sign, bf16, rank 1 out
+    assert kept_levels == ["powersgd:8", "topk:0.03", "int:8:256", "int:4:128", "int:2:128", "fp4:e2m1:128"]
     for shape in [(512, 128), (96, 128), (128, 512)]:  # k rounded: twice and half the density stay in
         assert in_range("topk:0.02", "topk:0.01", shape, world, [0.5, 2.0])
         assert in_range("topk:0.005", "topk:0.01", shape, world, [0.5, 2.0])
-    assert in_range("sign", "int4", shape, world, None)  # null: every candidate
+    assert in_range("sign:256", "int:4:128", shape, world, None)  # null: every candidate
 
 
 @pytest.mark.parametrize("bad", ["[0.5]", "[0, 2]", "[1.5, 2]", "[0.5, 0.9]"])

@@ -51,7 +51,8 @@ def test_crumbs_pack_four_codes_per_byte_and_unpack_to_the_same_codes():
 
 
 def test_int2_is_a_quant_level_whose_wire_bytes_follow_the_quantized_allreduce():
-    assert family("int2") == "quant" and compressor("int2").name == "int2"
+    assert family("int:2:128") == "quant" and compressor("int:2:128").name == "int2"
     shape, world, n = (256, 64), 4, 256 * 64  # four chunks of 4096 values, 32 blocks of 128 each
-    assert wire_bytes("int2", shape, world) == 2 * (world - 1) * (n // 4 + 4 * n // 128)
-    assert wire_bytes("int2", shape, world) / wire_bytes("int4", shape, world) == pytest.approx(0.5294, abs=1e-4)
+    assert wire_bytes("int:2:128", shape, world) == 2 * (world - 1) * (n // 4 + 4 * n // 128)
+    ratio = wire_bytes("int:2:128", shape, world) / wire_bytes("int:4:128", shape, world)
+    assert ratio == pytest.approx(0.5294, abs=1e-4)

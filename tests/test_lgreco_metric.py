@@ -15,7 +15,8 @@ from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.timeout(60)
 
-LEVELS = ["none", "powersgd:1", "powersgd:3", "topk:0.01", "topk:0.1", "int8", "int4", "int2", "fp4_e2m1", "sign"]
+LEVELS = ["none", "powersgd:1", "powersgd:3", "topk:0.01", "topk:0.1", "int:8:256", "int:4:128", "int:2:128",
+          "fp4:e2m1:128", "sign:256"]
 
 
 def _grad(rows=96, cols=64, seed=0):
@@ -49,7 +50,7 @@ def test_a_weight_on_the_values_top_k_keeps_sees_no_error():
 
 
 def test_adam_metric_weighs_by_the_optimizers_second_moments(tmp_path):
-    cfg = small_cfg(tmp_path, "strategy=lgreco", "strategy.family=quant", "strategy.default_level=int4",
+    cfg = small_cfg(tmp_path, "strategy=lgreco", "strategy.family=quant", "strategy.default_level=int:4:128",
                     "strategy.min_numel=256", "strategy.warmup_steps=2", "strategy.adjust_every=2",
                     "strategy.accumulate_steps=1", "strategy.error_metric=adam", "cluster.num_workers=1")
     store = host_store("127.0.0.1")
@@ -66,8 +67,8 @@ def test_adam_metric_weighs_by_the_optimizers_second_moments(tmp_path):
         metrics = worker.train_step((step - 1) * cfg.data.batch_size, 1e-3)
     eps = opt.param_groups[0]["eps"]
     expected = errors(strategy.columns, acc.view(layer.param.shape), 1.0 / (v.sqrt() + eps))
-    chosen = strategy.columns[int(metrics[f"lgreco/{layer.name}/level_index"])]
-    assert metrics[f"lgreco/{layer.name}/error"] == pytest.approx(expected[strategy.columns.index(chosen)])
+    chosen = metrics[f"lgreco/plan/{layer.name}/level"]
+    assert metrics[f"lgreco/plan/{layer.name}/error"] == pytest.approx(expected[strategy.columns.index(chosen)])
     strategy.cfg.error_metric = "l2"
     assert strategy._weight(layer) is None
 

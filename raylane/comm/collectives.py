@@ -80,19 +80,24 @@ def _check_chunkable(compressor: Compressor) -> None:
 
 # -- quantized allreduce -------------------------------------------------------------------
 def quantized_allreduce(comm: Communicator, t: torch.Tensor, compressor: Compressor, op: str = "avg",
-                        key: str = "", async_op: bool = False) -> Any:
+                        key: str = "", async_op: bool = False, sent: torch.Tensor | None = None) -> Any:
     """Reduce `t` (in place) over ranks through `compressor`; returns `t`. op: sum | avg.
 
     Chunk j (element range aligned to the compressor's blocks) is reduced by rank j. Keys
     "{key}#{j}" (sending) and "{key}#{j}/ag" (owner's requantization) carry per-chunk state.
+    `sent` (fp32, t's numel): filled with the decode of this rank's own payloads, what it sent of
+    `t` (for error feedback kept by the caller); such calls are not pipelined.
     """
     check_choice("op", op, ["avg", "sum"])
     _check_chunkable(compressor)
-    return _run(comm, lambda: _quantized_allreduce(comm, t, compressor, op, key), async_op)
+    if sent is not None and (sent.numel() != t.numel() or sent.dtype != torch.float32 or not sent.is_contiguous()):
+        raise ValueError(f"quantized_allreduce: sent must be a contiguous fp32 tensor of {t.numel()} values")
+    return _run(comm, lambda: _quantized_allreduce(comm, t, compressor, op, key, sent), async_op)
 
 
-def _quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: str, key: str) -> torch.Tensor:
-    return fast_paths.quantized_allreduce(comm, t, c, op, key)
+def _quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: str, key: str,
+                         sent: torch.Tensor | None = None) -> torch.Tensor:
+    return fast_paths.quantized_allreduce(comm, t, c, op, key, sent)
 
 
 # -- compressed allgather ------------------------------------------------------------------

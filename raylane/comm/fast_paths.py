@@ -69,13 +69,16 @@ class _Generic:
         return self.c.decompress(self.c.from_bytes(buf, (numel,), self.dtype))
 
 
-def quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: str, key: str) -> torch.Tensor:
+def quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: str, key: str,
+                        sent: torch.Tensor | None = None) -> torch.Tensor:
+    """`sent` (t's numel, fp32): receives the decode of this rank's own payloads (what it sent of t),
+    read back from the send buffer: error feedback's reconstruction, without compressing again."""
     flat, world, rank, ws = t.detach().reshape(-1), comm.world_size, comm.rank, comm.workspace
     ranges = chunk_ranges(flat.numel(), world, c.align)
     sizes = [c.payload_bytes((b - a,), t.dtype) for a, b in ranges]
     lo, hi = ranges[rank]
     fast = BlockCodec(c, ws) if BlockCodec.fits(c, t) else None
-    if pipeline.applies(fast, t):
+    if sent is None and pipeline.applies(fast, t):
         stages = pipeline.stage_count(flat.numel(), ranges, c.block_size)
         if stages > 1:  # large tensors: encoding overlaps the transfer (raylane.comm.pipeline)
             return pipeline.quantized_allreduce(comm, t, fast, op, ranges, stages)
@@ -93,6 +96,8 @@ def quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: 
     recv = ws.get("qar.recv", max(offs[-1], world * sizes[rank]), torch.uint8, t.device)
     comm.alltoall_into(send[:offs[-1]], sizes, recv[:world * sizes[rank]], [sizes[rank]] * world,
                        label="quantized_allreduce.reduce_scatter")
+    if sent is not None:
+        _decode_sent(sent.reshape(-1), ranges, offs, send, fast, slow)
 
     # 3: reduce this rank's chunk in fp32
     m, mine = hi - lo, sizes[rank]
@@ -118,6 +123,15 @@ def quantized_allreduce(comm: Communicator, t: torch.Tensor, c: Compressor, op: 
     comm.alltoall_into(back, [mine] * world, recv[:offs[-1]], sizes, label="quantized_allreduce.allgather")
     _write_back(t, flat, ranges, offs, recv, fast, slow, ws)
     return t
+
+
+def _decode_sent(out: torch.Tensor, ranges, offs, send: torch.Tensor, fast: BlockCodec | None, slow: _Generic) -> None:
+    with torch.no_grad():
+        for j, (a, b) in enumerate(ranges):
+            if fast:
+                fast.decode(send[offs[j]:offs[j + 1]], b - a, out[a:b], accumulate=False)
+            else:
+                out[a:b].copy_(slow.decoded(send[offs[j]:offs[j + 1]], b - a))
 
 
 def _write_back(t, flat, ranges, offs, recv, fast: BlockCodec | None, slow: _Generic, ws) -> None:

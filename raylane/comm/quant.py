@@ -120,3 +120,17 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(1) & weights) != 0).view(-1)[:numel]
+
+
+def pack_uint(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `bits`-bit codes (uint8 in 0..2^bits - 1) into ceil(n * bits / 8) bytes, little-endian
+    bit order (code i's bit b is stream bit i * bits + b; stream bit s is bit s % 8 of byte s // 8)."""
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    return pack_bits(((codes.reshape(-1, 1) >> shifts) & 1).reshape(-1))
+
+
+def unpack_uint(packed: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    """The inverse of `pack_uint`: `numel` codes (uint8)."""
+    stream = unpack_bits(packed, numel * bits).view(numel, bits).to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
+    return (stream << shifts).sum(dim=1, dtype=torch.uint8)

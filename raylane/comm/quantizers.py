@@ -1,17 +1,19 @@
-"""Blockwise quantizers: int8 / int4 / int2, 4-bit floats (e2m1, e3m0), 1-bit sign. Packed, with fp32 scales.
+"""Blockwise quantizers: int2..int8, 4-bit floats (e2m1, e3m0), 1-bit sign. Packed, with fp32 scales.
 
 Each block of `block_size` consecutive values has one fp32 scale. Error bounds per value (nearest
 rounding; stochastic rounding doubles them but is unbiased):
 
-- int{8,4}: scale = absmax / qmax (qmax 127 or 7); |error| <= scale / 2.
+- int{3..8}: scale = absmax / qmax (qmax = 2^(bits-1) - 1); |error| <= scale / 2. int8 and int4 are
+  `IntQuantizer` (fused kernels on the collectives' fast path), int3/5/6/7 `PackedIntQuantizer`.
 - int2: levels {-3, -1, 1, 3} x scale, scale = absmax / 3; |error| <= scale.
 - fp4: scale = absmax / grid max; |error| <= half the gap between the two grid points around |x|/scale,
   times scale (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; e3m0 grid 0, 2^-6 .. 2^0).
 - sign: scale = mean |x| of the block; value = scale * sign(x) (0 counts as +);
   sum of squared errors of a block = ||x||^2 - n * scale^2.
 
-Wire bytes for n values in b blocks: int8 n + 4b; int4 and fp4 ceil(n/2) + 4b; int2 ceil(n/4) + 4b;
-sign ceil(n/8) + 4b.
+Wire bytes for n values in b blocks: int<k> ceil(n k / 8) + 4b (int8 n + 4b, int4 ceil(n/2) + 4b,
+int2 ceil(n/4) + 4b); fp4 ceil(n/2) + 4b; sign ceil(n/8) + 4b.
+`int_quantizer(bits, ...)` (the `int` compressor of the registry) builds the right class for 2..8 bits.
 """
 
 from __future__ import annotations
@@ -89,6 +91,39 @@ class IntQuantizer(_Blockwise):
         else:
             q = quant.unpack_nibbles(codes, n).float() - 8
         return self._expand(q, payload.parts["scales"], n)
+
+
+class PackedIntQuantizer(_Blockwise):
+    """Symmetric absmax integers of 3, 5, 6 or 7 bits, bit-packed (codes q + qmax in 0..2 qmax)."""
+
+    def __init__(self, bits: int = 6, block_size: int = 256, stochastic: bool = False, seed: int = 0):
+        check_choice("bits", bits, [3, 5, 6, 7])
+        super().__init__(block_size, stochastic, seed)
+        self.bits, self.qmax, self.name = bits, 2 ** (bits - 1) - 1, f"int{bits}"
+
+    def layout(self, shape: ShapeLike, dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+        n = math.prod(as_shape(shape))
+        return {"scales": (torch.float32, self._num_blocks(shape)), "codes": (torch.uint8, -(-n * self.bits // 8))}
+
+    def _encode(self, t: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        blocks = self._blocks(t)
+        scales = quant.div_scalar(quant.block_absmax(blocks), self.qmax)
+        q = quant.round_to_int_(quant.scale_rows(blocks, scales), self._generator(t.device))
+        q = q.clamp_(-self.qmax, self.qmax).reshape(-1)[:t.numel()].add_(self.qmax).to(torch.uint8)
+        return {"scales": scales, "codes": quant.pack_uint(q, self.bits)}
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        q = quant.unpack_uint(payload.parts["codes"], payload.numel, self.bits).float() - self.qmax
+        return self._expand(q, payload.parts["scales"], payload.numel)
+
+
+def int_quantizer(bits: int = 8, block_size: int = 256, stochastic: bool = False, seed: int = 0) -> _Blockwise:
+    """The `int` compressor: `bits` in 2..8 (2: the mid-rise grid of `Int2Quantizer`)."""
+    check_choice("bits", bits, list(range(2, 9)))
+    if bits == 2:
+        return Int2Quantizer(block_size, stochastic, seed)
+    cls = IntQuantizer if bits in (4, 8) else PackedIntQuantizer
+    return cls(bits, block_size, stochastic, seed)
 
 
 class Int2Quantizer(_Blockwise):
