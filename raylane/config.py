@@ -143,6 +143,8 @@ class RunDirConfig:
     def validate(self, prefix: str) -> None:
         check(self.name not in ("", ".", "..") and not any(c in self.name for c in "/\\\0"), f"{prefix}.name",
               self.name, "must be a plain folder name (no '/' or '\\', not '.' or '..'); a path goes in run.dir")
+        check(not self.name.startswith("~"), f"{prefix}.name", self.name,
+              "must not start with '~' (it would be taken as a home folder); a path goes in run.dir")
 
     def path(self) -> Path:
         """The run directory. A relative path is taken from the current directory, except in a

@@ -3,7 +3,9 @@
 `check(cfg)` raises a one-line `ConfigError` (exit code 2) for what would otherwise fail
 later with a traceback, after Ray started and directories were made:
 - the run directory's parent (`run.root`, or the parent of `run.dir`) must be a writable
-  folder or creatable under one: not a file, not on a read-only or foreign-owned path;
+  folder or creatable under one: not a file, not on a read-only or foreign-owned path, not on a
+  kernel pseudo-filesystem (/proc, /sys: writable-looking to root, but no place for files);
+- `cluster.gpus_per_worker > 0` on an embedded local cluster needs that many GPUs on this host;
 - `logging.wandb_mode=online` needs a W&B API key: $WANDB_API_KEY, $WANDB_IDENTITY_TOKEN_FILE,
   or an entry for the W&B host ($WANDB_BASE_URL, default api.wandb.ai) in ~/.netrc ($NETRC).
 Nothing is created, written or moved here.
@@ -25,6 +27,26 @@ WANDB_DEFAULT_URL = "https://api.wandb.ai"
 def check(cfg: Any) -> None:
     check_run_parent(cfg.run)
     check_wandb_key(cfg.logging)
+    check_local_gpus(cfg.cluster)
+
+
+def local_gpu_count() -> int:
+    """GPUs this process's torch can use (0 with the CPU wheel)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local_gpus(cluster: Any) -> None:
+    """An embedded local cluster (no cluster.address, no $RAY_ADDRESS) can place GPU workers only on
+    this host's GPUs: too few is one line now, not a start timeout of autoscaler errors."""
+    if cluster.gpus_per_worker <= 0 or cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    need, have = cluster.num_workers * cluster.gpus_per_worker, local_gpu_count()
+    require(have >= need, "cluster.gpus_per_worker", cluster.gpus_per_worker,
+            f"{cluster.num_workers} workers need {need:g} GPUs but this host has {have} usable by torch (no "
+            "cluster.address / RAY_ADDRESS, so the run uses this host only); with GPUs, install the CUDA torch "
+            "(`make setup-gpu`); without, use cluster=local")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -38,6 +60,9 @@ def check_run_parent(run: Any) -> None:
     key, value = ("run.dir", run.dir) if run.dir else ("run.root", run.root)
     target = run.path().parent
     there = _nearest_existing(target)
+    fs = pseudo_filesystem(there)
+    require(fs is None, key, value, f"{there} is on a {fs} pseudo-filesystem (kernel state, not storage: even root "
+                                    "cannot keep a run there); choose a folder on a disk")
     if there == target:
         require(there.is_dir(), key, value, f"{there} exists and is a file, not a folder")
         require(os.access(there, os.W_OK | os.X_OK), key, value,
@@ -46,6 +71,30 @@ def check_run_parent(run: Any) -> None:
     require(there.is_dir(), key, value, f"{target} cannot be created: {there} is a file, not a folder")
     require(os.access(there, os.W_OK | os.X_OK), key, value,
             f"{target} cannot be created: {there} is not writable by this user; choose a folder you can write to")
+
+
+PSEUDO_FS = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+             "configfs", "pstore", "bpf", "mqueue", "hugetlbfs", "fusectl", "binfmt_misc", "autofs", "efivarfs")
+
+
+def pseudo_filesystem(path: Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the kernel pseudo-filesystem (proc, sysfs, ...) `path` lies on, else None.
+    Such a folder may look writable (to root every path does) yet cannot hold files."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    resolved = str(path.resolve())
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype if fstype in PSEUDO_FS else None
 
 
 def wandb_host() -> str:

@@ -53,6 +53,12 @@ class StragglerModel:
         if self.model == "trace_load":
             check(_LOAD.search(Path(self.trace).name) is not None, f"{prefix}.trace", self.trace,
                   "model=trace_load needs a profile named <prefix>-loadXXXX.csv (XXXX: load x 1000)")
+        if self.model in ("trace", "trace_load"):
+            paths = load_profiles(self.trace).values() if self.model == "trace_load" else [self.trace]
+            for path in paths:
+                problem = trace_problem(path)
+                check(problem is None, f"{prefix}.trace", self.trace, f"{problem}; a trace is a CSV with an optional "
+                                                                      "`round` column, then one number per worker")
 
     def delay(self, seed: int, rank: int, step: int, load: float = 0.0) -> float:
         """Seconds rank `rank` is delayed at 1-based step `step` (`load`: trace_load's work per worker)."""
@@ -108,6 +114,33 @@ def profile_at_load(path: str, load: float) -> list[list[float]]:
     a, b = load_trace(profiles[lo]), load_trace(profiles[hi])
     w = 0.0 if hi == lo else (load - lo) / (hi - lo)
     return [[(1 - w) * x + w * y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+def trace_problem(path: str) -> str | None:
+    """Why the trace CSV at `path` cannot be replayed (empty, no rows, a cell that is not a
+    number), or None when every row parses."""
+    try:
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return f"{path} cannot be read as CSV text ({type(e).__name__})"
+    if not rows:
+        return f"{path} is empty"
+    first = 1 if rows[0][0] == "round" else 0
+    if len(rows) == 1:
+        return f"{path} has a header and no rounds"
+    for i, row in enumerate(rows[1:], start=2):
+        cells = row[first:]
+        if not cells:
+            return f"{path} line {i} has no worker times"
+        for cell in cells:
+            try:
+                value = float(cell)
+            except ValueError:
+                return f"{path} line {i}: {cell!r} is not a number"
+            if not value >= 0:  # also NaN
+                return f"{path} line {i}: {cell!r} is not a time >= 0"
+    return None
 
 
 @lru_cache(maxsize=8)

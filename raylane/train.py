@@ -122,8 +122,21 @@ def start_local_ray(num_cpus: int) -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # ray.init turns token mode on itself
     # ... and says so on every run ("Token authentication is enabled"): that is raylane's choice, not news
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")  # "local": never attach to another `ray start` on this machine
+    for attempt in (1, 2):  # a raw start failure ("Failed to register worker to Raylet", ~1 in 35) is retried once
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     _node_ip_address="127.0.0.1")  # "local": never attach to another `ray start` on this machine
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises several types here; all mean "did not start"
+            ray.shutdown()
+            if attempt == 2:
+                raise RayStartError(f"the embedded Ray cluster did not start, twice: {_first(e)} (Ray's logs: "
+                                    "/tmp/ray/session_latest/logs)") from None
+            log.warning("the embedded Ray cluster did not start (%s); trying once more", _first(e))
+
+
+class RayStartError(RuntimeError):
+    """The embedded Ray did not start, on both tries: one line on stderr, exit code 1."""
 
 
 def _first(e: Exception) -> str:
@@ -165,6 +178,9 @@ def _connect_and_run(jobs: list[Any]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RayStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -156,7 +156,10 @@ def verify(path: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise ValueError(f"{path}: no {META} (half-written?)")
     meta = json.loads(meta_path.read_text())
-    for name, digest in meta["files"].items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files or not all(isinstance(d, str) for d in files.values()):
+        raise ValueError(f"{path}: {META} lists no parts ({META} damaged or not raylane's)")
+    for name, digest in files.items():
         part = path / name
         if not part.is_file():
             raise ValueError(f"{path}: missing {name}")
