@@ -65,6 +65,13 @@ class GnnPipeConfig:
         check(len(self.stage_layers) == w // d and sum(self.stage_layers) == layers, "strategy.stage_layers",
               self.stage_layers, f"must list {w // d} stages summing to model.n_layer={layers}")
 
+    def warn_run(self, run: Any) -> list[str]:
+        """A run that ends inside the learning-rate warm-up (a gnnpipe step is an epoch: runs are short)."""
+        if run.optim.schedule == "constant" or run.train.steps > run.optim.warmup_steps:
+            return []
+        return [f"train.steps={run.train.steps} <= optim.warmup_steps={run.optim.warmup_steps}: the whole run is in "
+                f"the learning-rate warm-up (a gnnpipe step is one epoch); use a smaller optim.warmup_steps"]
+
 
 INPUT_COST = 0.5  # the input projection, in conv layers
 

@@ -113,6 +113,15 @@ class GradientCodingConfig:
         is touched)."""
         self.check_world_size(run.cluster.num_workers)
 
+    def warn_run(self, run: Any) -> list[str]:
+        """A coded scheme with nothing to straggle: every worker answers, the code's effect never shows."""
+        planned = self.stragglers is not None or any(e.kind == "straggler" for e in run.faults.events)
+        if self.scheme == "uncoded" or planned:
+            return []
+        return [f"strategy.scheme={self.scheme} with no straggler plan (strategy.stragglers null, no straggler in "
+                f"faults): on one host no worker is slower, so the code tolerates nothing it would show; add "
+                f"faults=stragglers_bursty or faults=stragglers_lambda"]
+
     def check_world_size(self, n: int, prefix: str = "strategy") -> None:
         """The checks that need the number of workers: no code can meet these settings."""
         s = {"gc": self.s, "sr_sgc": sr_sgc_s(self.burst, self.window, self.lam), "m_sgc": self.lam}.get(self.scheme, 0)

@@ -106,6 +106,15 @@ class LGrecoConfig(DDPConfig):
               f"(needs {self.min_compression_rate:g}x fewer, strategy.min_compression_rate): no layer would be "
               "compressed")
 
+    def warn_run(self, run: Any) -> list[str]:
+        """A run too short for a re-plan shows only the warm-up and at most the first choice."""
+        need = self.warmup_steps + self.adjust_every
+        if not self.adaptive or run.train.steps > need:
+            return []
+        return [f"train.steps={run.train.steps} ends before L-GreCo re-plans once (strategy.warmup_steps="
+                f"{self.warmup_steps} + strategy.adjust_every={self.adjust_every} = {need}); use train.steps > {need}"
+                f" or a smaller strategy.adjust_every"]
+
     def default(self) -> str:
         return self.default_level or FAMILY_DEFAULT[self.family]
 

@@ -147,6 +147,13 @@ class HSDPConfig:
     def check_run(self, run: Any) -> None:
         bind_cluster(self, run)
 
+    def warn_run(self, run: Any) -> list[str]:
+        """One rank per replica: nothing is sharded, the run is exactly ddp."""
+        if run.cluster.ranks_per_replica > 1:
+            return []
+        return ["cluster.ranks_per_replica=1: each replica is one rank, so strategy=hsdp trains exactly as ddp; "
+                "set cluster.ranks_per_replica >= 2 (dividing cluster.num_workers) to shard a replica"]
+
 
 class HSDPWorker(ReplicaWorker):
     replicas_identical = True

@@ -79,6 +79,15 @@ class RobustConfig:
             check(n > 2 * self.f, "strategy.nnm", self.nnm, f"needs n > 2f; cluster.num_workers={n}, f={self.f}")
         _check_alie(run.faults.events, n)
 
+    def warn_run(self, run: Any) -> list[str]:
+        """f = 0: the rule is told no worker lies, so an attack in the plan goes through unfiltered."""
+        if self.f > 0:
+            return []
+        attacks = sum(e.kind == "byzantine" for e in run.faults.events)
+        return [f"strategy.f=0: aggregator={self.aggregator} tolerates no Byzantine worker"
+                + (f", yet the fault plan has {attacks} byzantine event(s)" if attacks else "")
+                + "; set strategy.f >= 1 (and a faults=byzantine* preset) to see the rule's effect"]
+
     def build_aggregator(self) -> Any:
         agg = build(self.aggregator, self.aggregator_config(), self.f)
         return NNM(agg, self.f) if self.nnm else agg
