@@ -2,10 +2,11 @@
 
     python -m raylane.report RUN_DIR [RUN_DIR ...] [-o report.html]
 
-Writes one self-contained HTML page: a summary table (one row per run: its strategy, the
-config keys that differ between the runs, losses, wall time, throughput, faults) and one plot
-per metric — loss vs step, loss vs wall time, loss vs bytes on the wire, step time, bytes per
-step — with one line per run (and, for an L-GreCo run, its plan: layers x steps, colour = bytes
+Writes one self-contained HTML page: a compact summary table (one row per run: its strategy
+preset, final losses and accuracy, bytes, wall time, faults in words), a second table (the config
+keys that differ between the runs, steps, first loss, throughput) and one plot per metric — loss
+vs step, loss vs wall time, loss vs bytes on the wire, step time, bytes per step, and accuracy vs
+step when a run logged eval/accuracy — with one line per run in a colour of its own (and, for an L-GreCo run, its plan: layers x steps, colour = bytes
 per value) and the runs' faults, recoveries and resumes marked on the curves.
 Numbers follow the summary's definitions (`orchestrator/summary.py`). Each step is shown once:
 rows a resume or rollback superseded are dropped, and time is made monotonic, also for files
@@ -35,6 +36,11 @@ PLOTS = [
     ("Step time", "step", ["train/round_s"], "step", "seconds per step"),
     ("Bytes per step", "step", ["comm/bytes_sent"], "step", "bytes sent per step (all workers)"),
 ]
+# shown only when a run logged it (a classification dataset)
+ACCURACY_PLOT = ("Accuracy vs step", "step", ["eval/accuracy"], "step", "eval accuracy")
+# the first table: what a reader compares across runs; the rest of a row goes in the second
+COMPACT = ("run", "strategy", "final train loss", "final eval loss", "final accuracy", "bytes on the wire",
+           "wall s", "faults")
 # event -> (marker colour, line style, label) drawn on the curves
 MARKERS = {"fault_injected": ("#d62728", "--", "fault injected"), "recovered": ("#2ca02c", ":", "recovered"),
            "resumed": ("#1f77b4", "-.", "resumed")}
@@ -151,15 +157,48 @@ def summarize(name: str, records: list[dict[str, Any]], run_dir: Path | None = N
     steps = [r["step"] for r in records if "train/loss" in r]
     config = _flat(_yaml(run_dir / "config.yaml")) if run_dir else {}
     summary = _yaml(run_dir / "summary.yaml") if run_dir else {}
-    row: dict[str, Any] = {"run": name, "strategy": config.get("strategy.name", "-")}
+    accuracy = [r["eval/accuracy"] for r in records if r.get("eval/accuracy") is not None and "event" not in r]
+    row: dict[str, Any] = {"run": name, "strategy": preset_name(config)}
     row.update({k: config.get(k, "-") for k in keys or []})
-    injected = sum(1 for r in records if r.get("event") == "fault_injected")
     row.update({"steps": max(steps, default=0), "first train loss": train[0] if train else None,
                 "final train loss": final_train_loss(train), "final eval loss": evals[-1] if evals else None,
+                "final accuracy": accuracy[-1] if accuracy else None,
                 "bytes on the wire": max((r.get("comm/bytes_total") or 0 for r in records), default=0),
                 "wall s": max((r.get("time_s") or 0.0 for r in records), default=0.0),
-                "tokens/s": summary.get("tokens_per_s"), "faults": injected})
+                "tokens/s": summary.get("tokens_per_s"), "faults": faults_in_words(records)})
     return row
+
+
+def preset_name(config: dict[str, Any]) -> str:
+    """The strategy as the user chose it: Streaming DiLoCo is `diloco` with fragments > 1."""
+    name = config.get("strategy.name", "-")
+    if name == "diloco" and (config.get("strategy.fragments") or 1) > 1:
+        return "streaming_diloco"
+    if name == "gradient_coding" and config.get("strategy.scheme") not in (None, "-"):
+        return f"gradient_coding ({config['strategy.scheme']})"
+    return name
+
+
+def faults_in_words(records: list[dict[str, Any]]) -> str:
+    """The injected faults as short words ("crash w1@20, straggler@1"), "none" without any."""
+    words = []
+    for r in records:
+        if r.get("event") == "fault_injected":
+            who = f" w{r['rank']}" if r.get("rank") is not None else ""
+            words.append(f"{r.get('kind', '?')}{who}@{r['step']}")
+    recovered = sum(1 for r in records if r.get("event") == "recovered")
+    shown = ", ".join(words[:4]) + (f" +{len(words) - 4} more" if len(words) > 4 else "")
+    return (shown + (f"; {recovered} recovered" if recovered else "")) if words else "none"
+
+
+def run_colors(n: int) -> list[Any]:
+    """n colours, all distinct: tab10 up to 10 runs, tab20 up to 20, then evenly spaced on turbo."""
+    import matplotlib
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = matplotlib.colormaps["tab20" if n <= 20 else "turbo"]
+    return [cmap(i) if n <= 20 else cmap(i / (n - 1)) for i in range(n)]
 
 
 def _markers(ax: Any, records: list[dict[str, Any]], x_key: str, seen: set[str]) -> None:
@@ -183,8 +222,7 @@ def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: st
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=100)
     seen: set[str] = set()
-    for i, (name, records) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+    for color, (name, records) in zip(run_colors(len(runs)), runs.items()):
         for y_key, style in zip(y_keys, ["-", "--", ":"]):
             xs, ys = series(records, x_key, y_key)
             if xs:
@@ -197,7 +235,7 @@ def _plot_svg(title: str, x_key: str, y_keys: list[str], xlabel: str, ylabel: st
     if "bytes" in ylabel:
         ax.yaxis.set_major_formatter(EngFormatter(unit="B"))
     if "loss" not in ylabel:
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=1.0 if "accuracy" in ylabel else None)
     ax.grid(alpha=0.3)
     if ax.lines:  # beside the axes, never over the data
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -281,16 +319,23 @@ def render(run_dirs: list[Path], title: str = "raylane report", extra_html: str 
     names = run_names(run_dirs)
     runs = {name: load_run(d) for name, d in zip(names, run_dirs)}
     keys = differing_keys([_yaml(d / "config.yaml") for d in run_dirs])
+    classification = any(r.get("eval/accuracy") is not None for records in runs.values() for r in records)
     plots = "".join(f'<figure class="plot" data-metric="{html.escape(t)}">{_plot_svg(t, x, ys, xl, yl, runs)}</figure>'
-                    for t, x, ys, xl, yl in PLOTS)
+                    for t, x, ys, xl, yl in PLOTS + ([ACCURACY_PLOT] if classification else []))
     plots += "".join(plan_figure(name, records) for name, records in runs.items())
-    table = table_html([summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)])
+    rows = [summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)]
+    compact = [c for c in COMPACT if c != "final accuracy" or classification]
+    table = table_html([{c: r[c] for c in compact} for r in rows])
+    table += "<h3>Config differences and details</h3>" + table_html(
+        [{k: v for k, v in r.items() if k == "run" or k not in compact} for r in rows])
     style = ("body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:12px 0}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f4f4f4}"
              ".plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(720px,1fr));gap:12px}"
              "figure{margin:0}figure svg{max-width:100%;height:auto}.note{color:#555;font-size:90%}")
     note = (f"final train loss: {FINAL_TRAIN_LOSS}; wall s: the training clock over every session of the run; "
-            "tokens/s: tokens of the steps kept / wall time (from summary.yaml, once the run finished). "
+            "faults: kind, worker (w) and step of each injected fault; "
+            "tokens/s: tokens (samples, for non-token data) of the steps kept / wall time (from summary.yaml, once "
+            "the run finished); the second table: the config keys that differ between the runs, then the rest. "
             "Markers: fault injected (red dashed), recovered (green dotted), resumed (blue dash-dot).")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"

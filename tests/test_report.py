@@ -108,3 +108,15 @@ def test_chaos_fault_table_names_kind_worker_and_step():
     assert rows[1]["source"] == "not detected" and rows[1]["detection_s"] is None
     text = chaos.console_table(rows)
     assert "kind" in text.splitlines()[0] and "crash" in text and "byzantine" in text
+
+
+def test_compact_table_accuracy_plot_faults_in_words_and_distinct_colours(tmp_path):
+    rows = [{**r, "eval/accuracy": 0.5 + r["step"] / 100} for r in _rows(range(1, 11))]
+    rows.insert(4, {"step": 5, "time_s": 0.5, "event": "fault_injected", "kind": "crash", "rank": 1})
+    run = _run(tmp_path / "acc", rows, {"strategy": {"name": "diloco", "fragments": 2}, "run": {"name": "acc"}})
+    row = report.summarize("acc", report.load_run(run), run)
+    assert (row["strategy"], row["faults"], row["final accuracy"]) == ("streaming_diloco", "crash w1@5", 0.6)
+    page = report.render([run])
+    first = page.split("<h3>")[0]
+    assert "<th>final accuracy</th>" in first and "<th>tokens/s</th>" not in first and "Accuracy vs step" in page
+    assert len({str(c) for c in report.run_colors(25)}) == 25 and len(set(report.run_colors(12))) == 12
