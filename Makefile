@@ -15,6 +15,7 @@ setup-dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing raylane and its dependencies (torch, ray) into $(VENV): about 3 minutes, once"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	@touch $(STAMP)
 

@@ -151,20 +151,39 @@ def run_jobs(jobs: list[Any]) -> int:
     from raylane.orchestrator.worker_group import WorkerStartError
 
     loopback = connect_ray(jobs[0].cluster)
+    done: list[tuple[Any, Any]] = []
     try:
-        for cfg in jobs:
-            log.info("run %s -> %s", cfg.run.name, cfg.run.path())
+        if len(jobs) > 1:
+            print(f"sweep: {len(jobs)} runs, one after another: " + ", ".join(c.run.name for c in jobs), flush=True)
+        for i, cfg in enumerate(jobs, 1):
+            log.info("run %s%s -> %s", f"{i}/{len(jobs)} " if len(jobs) > 1 else "", cfg.run.name, cfg.run.path())
             summary = run(cfg, loopback)
+            done.append((cfg, summary))
             print(summary.table(), flush=True)
             print(f"run dir: {cfg.run.path()}", flush=True)
             if cfg.logging.wandb_mode == "offline":
                 print(f"W&B (offline): upload with `wandb sync {cfg.run.path() / 'wandb'}/offline-run-*`")
+        if len(jobs) > 1:
+            print(sweep_table(done), flush=True)
     except (WorkerStartError, RunFailed, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         ray.shutdown()
     return 0
+
+
+def sweep_table(done: list[tuple[Any, Any]]) -> str:
+    """The sweep's closing table: a row per run with its final losses and wall time."""
+    width = max(len(c.run.name) for c, _ in done)
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    lines = ["", f"{'sweep run':<{width}}  {'final train':>11}  {'final eval':>10}  {'wall s':>8}"]
+    lines += [f"{c.run.name:<{width}}  {num(s.train_loss):>11}  {num(s.eval_loss):>10}  {s.wall_s:>8.1f}"
+              for c, s in done]
+    return "\n".join(lines)
 
 
 EXIT_INTERRUPTED = 130
@@ -201,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         for cfg in jobs:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            shown = cfg.to_dict()
+            shown["run"]["dir"] = str(cfg.run.path())  # where the run will write (null meant <root>/<name>)
+            print(yaml.safe_dump(shown, sort_keys=False))
         return 0
     return _connect_and_run(jobs)
 

@@ -93,8 +93,10 @@ def prepare_run_dir(cfg: Any) -> Path:
     cfg.resume = resume
     if not resume and looks_like_run(path):
         aside = _aside(path)
+        finished = (path / "summary.yaml").exists()
         shutil.move(str(path), str(aside))
-        log.warning("%s already held a run; moved it to %s (use resume=true to continue a run)", path, aside)
+        log.warning("%s already held a %s; moved it to %s%s", path, "finished run" if finished else "run", aside,
+                    "" if finished else " (resume=true continues an unfinished run instead)")
     path.mkdir(parents=True, exist_ok=True)
     checkpoint.cleanup(path / "checkpoints")
     return path
