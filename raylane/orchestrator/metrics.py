@@ -1,7 +1,8 @@
 """One sink for everything measured: metrics.jsonl, a live progress bar, and W&B.
 
 `MetricsSink.log(step, metrics)` appends a JSON line (every call) and forwards to the
-progress bar and W&B. Keys carry their prefix (train/, eval/, comm/, faults/...).
+progress bar (a live bar on a terminal; one plain line every tenth of the run or 30 s when stderr
+is not a terminal, e.g. under `ray job submit`) and W&B. Keys carry their prefix (train/, eval/, comm/, faults/...).
 Disabled parts are null objects, so callers never branch. W&B runs on the driver only
 (workers send their metrics here), offline by default into `<run.dir>/wandb`.
 
@@ -60,6 +61,50 @@ class _Bar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _LineBar:
+    """Progress without a terminal (`ray job submit`, a pipe, a file): one plain line every
+    `every_steps` steps (a tenth of the run) or `every_s` seconds, and at the last step; no
+    carriage returns, so a job log gets a line, not a redrawn bar."""
+
+    def __init__(self, total: int, initial: int, every_s: float = 30.0, stream: Any = None):
+        self.total, self.n, self.every_s = total, initial, every_s
+        self.every_steps = max(1, total // 10)
+        self.stream = stream or sys.stderr
+        self.postfix: dict[str, Any] = {}
+        self.last_n, self.last_t = initial, time.monotonic()
+
+    def update(self, n: int, postfix: dict[str, Any]) -> None:
+        self.n += n
+        self.postfix.update(postfix)
+        now = time.monotonic()
+        if n and (self.n - self.last_n >= self.every_steps or now - self.last_t >= self.every_s
+                  or self.n == self.total):
+            rate = (self.n - self.last_n) / max(now - self.last_t, 1e-9)
+            shown = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+            print(f"train step {self.n}/{self.total} {shown} ({rate:.2f} steps/s)".replace("  ", " "),
+                  file=self.stream, flush=True)
+            self.last_n, self.last_t = self.n, now
+
+    def status(self, text: str) -> None:
+        if text:
+            print(f"train: {text}", file=self.stream, flush=True)
+
+    def goto(self, step: int) -> None:
+        self.n = self.last_n = step
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, initial: int, enabled: bool, stream: Any = None) -> Any:
+    """The live bar on a terminal, plain lines elsewhere, nothing when disabled."""
+    stream = stream or sys.stderr
+    if not enabled:
+        return _NullBar()
+    isatty = getattr(stream, "isatty", None)
+    return _Bar(total, initial) if isatty is not None and isatty() else _LineBar(total, initial, stream=stream)
 
 
 class BarLogHandler(logging.StreamHandler):
@@ -152,7 +197,7 @@ class MetricsSink:
         if resume:
             self.superseded, self.time_offset, self.wandb_floor = rewrite_up_to(self.path, start_step)
         self._file = open(self.path, "a", buffering=1)
-        self.bar = _Bar(total_steps, start_step) if logging_cfg.progress else _NullBar()
+        self.bar = progress(total_steps, start_step, logging_cfg.progress)
         self.wandb = (_NullWandb() if logging_cfg.wandb_mode == "disabled"
                       else _Wandb(logging_cfg, run_dir, run_id, name, config))
         self.t0 = time.time()

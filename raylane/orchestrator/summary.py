@@ -5,7 +5,9 @@ One definition of each number, used by the terminal table, `summary.yaml` and th
 - wall time: the run's training clock (`MetricsSink.elapsed_s`): every session of the run
   added up, so work redone after a fault or a resume is included, worker start-up is not;
 - tokens/s: tokens of the steps the run kept (each step counted once) / wall time;
-- faults: read from the run's event rows in metrics.jsonl, across every session of the run.
+- faults: read from the run's event rows in metrics.jsonl, across every session of the run;
+- per-strategy rows (stragglers, attacks, accuracy, stages, plan, replicas, a straggler plan):
+  from the metrics logged each step (summary_sections.py), only when the run logged them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from raylane.orchestrator import summary_sections
 
 FINAL_TRAIN_WINDOW = 20
 FINAL_TRAIN_LOSS = f"mean of the last {FINAL_TRAIN_WINDOW} steps"
@@ -28,6 +32,8 @@ def fault_section(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Faults of a run from its event rows: what was injected, detected, recovered, redone."""
     injected = [{"kind": e.get("kind"), "rank": e.get("rank"), "step": e["step"]}
                 for e in events if e.get("event") == "fault_injected"]
+    first = next((i for i, f in enumerate(injected) if f["kind"] == "straggler"), None)  # once per session:
+    injected = [f for i, f in enumerate(injected) if f["kind"] != "straggler" or i == first]  # keep the first
     detection = [e["detection_s"] for e in events if e.get("event") == "fault_detected"]
     recovered = [e for e in events if e.get("event") == "recovered"]
     resumed = [e for e in events if e.get("event") == "resumed"]
@@ -66,6 +72,7 @@ class Summary:
     tokens_total: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=FINAL_TRAIN_WINDOW))
     faults: dict[str, Any] = field(default_factory=dict)
+    metric_totals: dict[str, list[float]] = field(default_factory=dict)  # summary_sections.record
 
     @property
     def train_loss(self) -> float | None:
@@ -87,6 +94,10 @@ class Summary:
     def record_eval(self, step: int, loss: float, label: str | None = None) -> None:
         self.eval_loss, self.eval_step, self.eval_label = loss, step, label
 
+    def record_metrics(self, metrics: dict[str, Any]) -> None:
+        """A logged row, for the per-strategy sections (summary_sections)."""
+        summary_sections.record(self.metric_totals, metrics)
+
     def state_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in vars(self).items() if k != "recent"}, "recent": list(self.recent)}
 
@@ -100,7 +111,8 @@ class Summary:
                 "final_train_loss_is": FINAL_TRAIN_LOSS, "final_eval_loss": self.eval_loss,
                 "eval_of": self.eval_label or "the model", "wall_s": round(self.wall_s, 3),
                 "bytes_on_wire": self.bytes_sent_total, "tokens": self.tokens_total,
-                "tokens_per_s": None if tps is None else round(tps, 1), "faults": self.faults}
+                "tokens_per_s": None if tps is None else round(tps, 1), "faults": self.faults,
+                "strategy": summary_sections.section_dict(self.metric_totals)}
 
     def table(self) -> str:
         def fmt(v: Any) -> str:
@@ -116,6 +128,7 @@ class Summary:
                 ("bytes on the wire", f"{self.bytes_sent_total:,} ({gib:.3f} GiB)"),
                 ("tokens/s", "-" if tps is None else f"{tps:,.0f} (tokens of the steps kept / wall time)")]
         rows += [("faults", line) for line in fault_lines(self.faults)]
+        rows += summary_sections.section_rows(self.metric_totals)
         width = max(len(k) for k, _ in rows)
         lines = ["", "raylane summary", "-" * (width + 24)]
         lines += [f"{k:<{width}}  {v}" for k, v in rows]
