@@ -85,6 +85,14 @@ CASES = [
     (["strategy.aggregator=bulyan", "strategy.f=1", "cluster.num_workers=6"], "strategy.f", "n >= 4f + 3"),
     (["strategy.aggregator=median", "strategy.f=2", "cluster.num_workers=4"], "strategy.f", "n > 2f"),
     (["strategy.flag.r=0"], "strategy.flag.r", ">= 1"),
+    (["strategy.flag.r=9"], "strategy.flag.r", "<= cluster.num_workers=4"),
+    (["strategy.aggregator=multi_krum", "strategy.multi_krum.m=9"], "strategy.multi_krum.m",
+     "<= cluster.num_workers=4"),
+    (["strategy.aggregator=monna", "strategy.monna.pivot=4"], "strategy.monna.pivot", "< cluster.num_workers=4"),
+    (["strategy.aggregator=median", "strategy.f=1", "strategy.bucketing.size=3"], "strategy.bucketing.size",
+     "2 buckets"),
+    (["strategy.aggregator=mda", "strategy.f=12", "cluster.num_workers=30"], "strategy.f", "subsets"),
+    (["strategy.geomed.start=zero"], "strategy.geomed.start", "choose one of"),
     (["strategy.aggregator=nope"], "strategy.aggregator", "choose one of"),
     (["strategy.flag.rescale=norm"], "strategy.flag.rescale", "median_norm"),
     # 3 ALIE colluders of 4 workers: the paper's z does not exist (else every step fails at run time)
@@ -114,3 +122,89 @@ def test_bulyan_condition_exits_2_from_the_command_line_before_ray():
                           capture_output=True, text=True, timeout=90, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "n >= 4f + 3" in proc.stderr
+
+
+# -- adaptive (optimal) ALIE / IPM, Gaussian and infinity --------------------------------------
+def _honest(n=10, d=6, seed=0):
+    return 1.0 + 0.5 * torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_adaptive_search_finds_at_least_the_damage_of_every_grid_factor():
+    from raylane.strategies.aggregators.pipeline import Pipeline
+    from raylane.strategies.aggregators.simple import TrimmedMeanConfig
+
+    honest, ranks, n = _honest(), (0, 1, 2), 13
+    target = Pipeline("trimmed_mean", TrimmedMeanConfig(), 3)
+    mu = honest.mean(dim=0)
+    for forge, opt in ((attacks.alie, attacks.alie_opt), (attacks.ipm, attacks.ipm_opt)):
+        row, factor = opt(honest, ranks, n, lambda G: target(G).vector)
+        G = attacks.with_byzantine_rows(honest, ranks, n, row)
+        assert torch.equal(G[3:], honest) and all(torch.equal(G[r], row) for r in ranks)
+        best = float((target(G).vector - mu).norm())
+        for x in (0.1, 0.43, 1.0, 2.0, 10.0):
+            fixed = target(attacks.with_byzantine_rows(honest, ranks, n, forge(honest, x))).vector
+            assert best >= float((fixed - mu).norm()) - 1e-6
+        assert attacks.SEARCH_LO <= factor <= attacks.SEARCH_HI
+
+
+def test_adaptive_modes_forge_against_the_given_aggregator_and_need_one():
+    honest = _honest(4, 3)
+    step = ByzantineStep((0, 5), "ipm_opt", oracle=lambda ranks, flip: honest)
+    mean = lambda G: G.mean(dim=0)      # against the mean, the largest epsilon hurts most
+    out = step.forge(torch.zeros(3), 0, 6, mean)
+    assert torch.allclose(out, attacks.ipm(honest, attacks.SEARCH_HI), rtol=1e-5)
+    with pytest.raises(RuntimeError, match="aggregator"):
+        step.forge(torch.zeros(3), 0, 6)
+
+
+def test_infinity_and_gaussian_wire_attacks():
+    from raylane.workers.chaos import corruption
+
+    t = torch.ones(5)
+    assert torch.isinf(corruption("inf", 10.0, 0)(t)).all()
+    noisy = corruption("gaussian", 100.0, 0)(t)
+    assert torch.isfinite(noisy).all() and float((noisy - t).abs().max()) > 10
+
+
+@pytest.mark.parametrize("preset,mode", [("byzantine_alie_opt", "alie_opt"), ("byzantine_ipm_opt", "ipm_opt"),
+                                         ("byzantine_gaussian", "gaussian"), ("byzantine_inf", "inf")])
+def test_attack_presets_load(preset, mode):
+    cfg = config.load(["strategy=robust", "model=mlp", "data=digits", f"faults={preset}",
+                       "cluster.num_workers=7", "strategy.f=3", "strategy.aggregator=median"])
+    assert [e.mode for e in cfg.faults.events] == [mode] * 3
+
+
+# -- non-finite rows are dropped, never aggregated ---------------------------------------------
+def _pipe(name, f, **kw):
+    from raylane.strategies.aggregators import registry
+    from raylane.strategies.aggregators.pipeline import Pipeline
+
+    return Pipeline(name, registry()[name].config_cls(), f, **kw)
+
+
+@pytest.mark.parametrize("name", ["mean", "krum", "multi_krum", "geomed", "flag", "mda", "caf", "median"])
+@pytest.mark.parametrize("nnm", [False, True])
+def test_nonfinite_rows_never_reach_an_aggregate(name, nnm):
+    from raylane.strategies.robust_round import aggregate
+
+    honest = _honest(8, 5)
+    G = torch.cat([torch.full((1, 5), float("inf")), honest[:4], torch.full((1, 5), float("nan")), honest[4:]])
+    G[2, 1] = float("-inf")       # one bad coordinate is enough
+    res, m = aggregate(_pipe(name, 3, nnm=nnm), G, None, [0, 5], True)
+    clean = _pipe(name, 0, nnm=nnm).at(0)(G[[1, 3, 4, 6, 7, 8, 9]])   # f' = 3 - 3 dropped = 0
+    assert torch.isfinite(res.vector).all()
+    assert torch.allclose(res.vector, clean.vector, atol=1e-6)
+    assert m["robust/dropped_rows"] == 3 and m["robust/f_used"] == 0
+    if res.weights is not None:
+        assert float(res.weights[[0, 2, 5]].abs().sum()) == 0
+    if res.selected is not None:
+        assert not {0, 2, 5} & set(res.selected)
+
+
+def test_too_few_finite_rows_fail_the_round_with_one_line():
+    from raylane.strategies.robust_round import NotEnoughRows, aggregate
+
+    G = torch.full((5, 3), float("nan"))
+    with pytest.raises(NotEnoughRows, match=r"5 of 5 rows hold inf/nan.*0 left.*needs") as err:
+        aggregate(_pipe("median", 1), G, None, [], False)
+    assert "\n" not in str(err.value)

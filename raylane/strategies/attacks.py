@@ -13,12 +13,23 @@ same vector):
   over a warm-up phase as in the paper).
 - `flip_labels` (label flipping): a classification label y of C classes becomes C - 1 - y; the
   worker then computes its ordinary gradient on its own, flipped data.
+- `adaptive` (the "optimal" ALIE and IPM of the robustness benchmarks, e.g. Allouah et al. 2023
+  and the ByzFL library): the attack's factor (ALIE's z, IPM's epsilon) is searched each round
+  against the aggregator actually in use, to maximise |aggregate - honest mean|: the aggregate of
+  the matrix whose honest rows are the step's honest gradients and whose Byzantine rows all send
+  the forged vector. The search: the objective on a log grid of SEARCH_GRID factors in
+  [SEARCH_LO, SEARCH_HI], then SEARCH_REFINE golden-section steps (in log factor) around the best
+  grid point; ties keep the smaller factor. Deterministic: every Byzantine rank finds the same row.
+  Cost: SEARCH_GRID + SEARCH_REFINE + 1 aggregations per round on the Byzantine ranks.
+The Gaussian (the sent row plus N(0, scale²) noise) and infinity (+inf rows) attacks corrupt the
+wire (workers/chaos.py `corruption`); the robust strategy drops inf/nan rows before aggregating.
 """
 
 from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Callable
 
 import torch
 
@@ -69,3 +80,59 @@ def mimic(honest: torch.Tensor, target: int = -1) -> torch.Tensor:
 
 def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return num_classes - 1 - y
+
+
+SEARCH_LO, SEARCH_HI, SEARCH_GRID, SEARCH_REFINE = 0.03, 100.0, 12, 6
+PHI = (math.sqrt(5) - 1) / 2
+
+
+def with_byzantine_rows(honest: torch.Tensor, ranks: list[int] | tuple[int, ...], n: int,
+                        row: torch.Tensor) -> torch.Tensor:
+    """The (n, d) matrix a round sees: honest rows in rank order, `row` at every Byzantine rank."""
+    G = torch.empty(n, honest.shape[1], dtype=honest.dtype)
+    bad = set(ranks)
+    G[[i for i in range(n) if i not in bad]] = honest
+    G[sorted(bad)] = row.to(honest.dtype)
+    return G
+
+
+def adaptive(honest: torch.Tensor, ranks: list[int] | tuple[int, ...], n: int,
+             forge: Callable[[torch.Tensor, float], torch.Tensor],
+             target: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(the forged row, its factor) maximising |target(G) - honest mean| over the factor of `forge`
+    (forge(honest, factor) -> row), searched as the module docstring says."""
+    mu = honest.double().mean(dim=0)
+    cache: dict[float, float] = {}
+
+    def damage(x: float) -> float:
+        if x not in cache:
+            v = target(with_byzantine_rows(honest, ranks, n, forge(honest, x)))
+            d = float((v.double() - mu).norm())
+            cache[x] = d if math.isfinite(d) else -1.0     # a rule that fails is not a win
+        return cache[x]
+
+    lo, hi = math.log(SEARCH_LO), math.log(SEARCH_HI)
+    grid = [lo + (hi - lo) * k / (SEARCH_GRID - 1) for k in range(SEARCH_GRID)]
+    scores = [damage(math.exp(t)) for t in grid]
+    k = max(range(SEARCH_GRID), key=lambda i: (scores[i], -i))
+    a, b = grid[max(0, k - 1)], grid[min(SEARCH_GRID - 1, k + 1)]
+    best_t, best = grid[k], scores[k]
+    for _ in range(SEARCH_REFINE):                       # golden section on [a, b] in log factor
+        c, d = b - PHI * (b - a), a + PHI * (b - a)
+        fc, fd = damage(math.exp(c)), damage(math.exp(d))
+        for t, val in ((c, fc), (d, fd)):
+            if val > best:
+                best_t, best = t, val
+        a, b = (a, d) if fc >= fd else (c, b)
+    factor = math.exp(best_t)
+    return forge(honest, factor), factor
+
+
+def alie_opt(honest, ranks, n, target) -> tuple[torch.Tensor, float]:
+    """ALIE with z searched against `target` (adaptive)."""
+    return adaptive(honest, ranks, n, alie, target)
+
+
+def ipm_opt(honest, ranks, n, target) -> tuple[torch.Tensor, float]:
+    """IPM with epsilon searched against `target` (adaptive)."""
+    return adaptive(honest, ranks, n, ipm, target)

@@ -14,9 +14,13 @@ Each step every worker computes the gradient of its slice of the global batch an
 Byzantine workers (the fault plan's `byzantine` events) forge the row they send through
 `comm.byzantine` (workers/chaos.py): wire-level modes corrupt what is sent, gradient-level modes
 (alie, ipm, mimic, label_flip) are the colluding omniscient attacks of strategies/attacks.py.
-`f` is the number of Byzantine workers the rule is set to tolerate; config checks (n > 2f for
-every rule, Krum n > 2f + 2, Bulyan n >= 4f + 3, ...) run before any actor starts. `nnm: true`
-mixes the rows (nearest-neighbour mixing) before the rule. Metrics: robust_round.py.
+The adaptive modes (alie_opt, ipm_opt) search their factor against this run's own pipeline and
+state each round (`attack_target`). `f` is the number of Byzantine workers the rule is set to
+tolerate; config checks (n > 2f for every rule, Krum n > 2f + 2, Bulyan n >= 4f + 3, m <= n,
+r <= n, ...) run before any actor starts, each naming its key. `bucketing.size: s > 1` averages
+shuffled buckets of s rows first, `nnm: true` mixes the rows (nearest-neighbour mixing) before
+the rule (aggregators/pipeline.py). Rows with inf/nan are dropped, not aggregated: robust_round.py
+(also the metrics).
 """
 
 from __future__ import annotations
@@ -29,27 +33,39 @@ import torch
 
 from raylane.comm.collectives import compressed_allgather
 from raylane.comm.compression_config import CompressionConfig
-from raylane.strategies.aggregators import NNM, build, registry
+from raylane.strategies.aggregators import registry
 from raylane.strategies.aggregators.clipping import CenteredClippingConfig
 from raylane.strategies.aggregators.flag import FlagConfig
 from raylane.strategies.aggregators.geomed import GeoMedConfig
 from raylane.strategies.aggregators.krum import MultiKrumConfig
+from raylane.strategies.aggregators.monna import MonnaConfig
+from raylane.strategies.aggregators.pipeline import Pipeline
 from raylane.strategies.aggregators.simple import TrimmedMeanConfig
 from raylane.strategies.attacks import alie_z
 from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext, WorkerStrategy, register
 from raylane.strategies.ddp import clip_and_step
-from raylane.strategies.robust_round import aggregate
+from raylane.strategies.robust_round import aggregate, run_rule
 from raylane.validation import check, one_of
 
 PLACES = ("workers", "driver")
 
 
 @dataclass
+class BucketingConfig:
+    size: int = 1           # rows per bucket (1: off); Karimireddy et al. 2022 use s = 2
+    seed: int = 0           # of the per-round shuffle (the same on every rank)
+
+    def validate(self, prefix: str) -> None:
+        check(self.size >= 1, f"{prefix}.size", self.size, "must be >= 1 (1: no bucketing)")
+
+
+@dataclass
 class RobustConfig:
     name: str = "robust"
-    aggregator: str = "flag"        # mean | median | trimmed_mean | krum | multi_krum | bulyan | geomed | ...
+    aggregator: str = "flag"        # mean | median | trimmed_mean | meamed | krum | multi_krum | bulyan | geomed | ...
     f: int = 0                      # Byzantine workers the rule tolerates
     nnm: bool = False               # nearest-neighbour mixing before the rule
+    bucketing: BucketingConfig = field(default_factory=BucketingConfig)
     aggregate_on: str = "workers"   # workers (allgather, every rank aggregates) | driver (through Ray)
     compression: CompressionConfig = field(default_factory=CompressionConfig)   # of the exchanged gradients
     trimmed_mean: TrimmedMeanConfig = field(default_factory=TrimmedMeanConfig)
@@ -57,6 +73,7 @@ class RobustConfig:
     geomed: GeoMedConfig = field(default_factory=GeoMedConfig)
     centered_clipping: CenteredClippingConfig = field(default_factory=CenteredClippingConfig)
     flag: FlagConfig = field(default_factory=FlagConfig)
+    monna: MonnaConfig = field(default_factory=MonnaConfig)
 
     def validate(self, prefix: str) -> None:
         one_of(f"{prefix}.aggregator", self.aggregator, sorted(registry()))
@@ -72,11 +89,7 @@ class RobustConfig:
     def check_run(self, run: Any) -> None:
         """The rule's condition on n and f (before any actor starts)."""
         n = run.cluster.num_workers
-        need, text = registry()[self.aggregator].min_workers(self.aggregator_config(), self.f)
-        check(n >= need, "strategy.f", self.f,
-              f"aggregator={self.aggregator} needs {text}; cluster.num_workers={n} (needs >= {need})")
-        if self.nnm:
-            check(n > 2 * self.f, "strategy.nnm", self.nnm, f"needs n > 2f; cluster.num_workers={n}, f={self.f}")
+        self.build_aggregator().check(n, "strategy")
         _check_alie(run.faults.events, n)
 
     def warn_run(self, run: Any) -> list[str]:
@@ -88,9 +101,9 @@ class RobustConfig:
                 + (f", yet the fault plan has {attacks} byzantine event(s)" if attacks else "")
                 + "; set strategy.f >= 1 (and a faults=byzantine* preset) to see the rule's effect"]
 
-    def build_aggregator(self) -> Any:
-        agg = build(self.aggregator, self.aggregator_config(), self.f)
-        return NNM(agg, self.f) if self.nnm else agg
+    def build_aggregator(self) -> Pipeline:
+        return Pipeline(self.aggregator, self.aggregator_config(), self.f, self.nnm, self.bucketing.size,
+                        self.bucketing.seed)
 
 
 def _check_alie(events: list, n: int) -> None:
@@ -132,7 +145,7 @@ class RobustWorker(WorkerStrategy):
         flat = self._flat_gradient()
         byz = ctx.comm.byzantine
         if byz is not None:
-            flat = byz.forge(flat, ctx.rank, ctx.world_size)
+            flat = byz.forge(flat, ctx.rank, ctx.world_size, self.attack_target)
         ranks = list(byz.ranks) if byz is not None else []
         if self.on_driver:
             payload = self.compressor.compress(flat, "robust").to_bytes()
@@ -141,6 +154,12 @@ class RobustWorker(WorkerStrategy):
         res, metrics = aggregate(self.aggregator, torch.stack(rows), self.agg_state, ranks, ctx.rank == 0)
         self.agg_state = res.state
         return {"loss": loss.item(), "grad_norm": self._apply(res.vector, lr), **metrics}
+
+    def attack_target(self, G: torch.Tensor) -> torch.Tensor:
+        """What this run's pipeline (and its current state) makes of G: the adaptive attacks' objective.
+        (aggregate_on=driver: the driver's state is not here; a stateful rule is searched from its
+        initial state.)"""
+        return run_rule(self.aggregator, G, self.agg_state)[0].vector
 
     def _exchange(self, flat: torch.Tensor) -> list[torch.Tensor]:
         if self.cfg.compression.name == "none":

@@ -7,8 +7,9 @@ applies it (`apply`) before the step's first call and clears the one-step hooks 
   step's first collective.
 - `hang_s`: stop responding inside the step's first collective for that long.
 - `byzantine`: replace every tensor this worker sends during the step
-  (sign_flip | scale | gaussian | zeros | nan; `byzantine_scale` is the factor or std).
-  The gradient-level modes (alie | ipm | mimic | label_flip: GRADIENT_MODES) do not touch the
+  (sign_flip | scale | gaussian | zeros | nan | inf; `byzantine_scale` is the factor or std).
+  The gradient-level modes (alie | ipm | mimic | label_flip, and the adaptive alie_opt | ipm_opt
+  that search their factor against the strategy's own aggregator: GRADIENT_MODES) do not touch the
   wire: `comm.byzantine` gets a `ByzantineStep`, and a strategy that exchanges gradients
   (robust) asks it to `forge` the row this worker sends. The colluding, omniscient adversary
   computes the honest workers' gradients of the step itself, with the worker's `oracle`
@@ -30,8 +31,9 @@ import torch
 
 from raylane.strategies import attacks
 
-WIRE_MODES = ("sign_flip", "scale", "gaussian", "zeros", "nan")
-GRADIENT_MODES = ("alie", "ipm", "mimic", "label_flip")
+WIRE_MODES = ("sign_flip", "scale", "gaussian", "zeros", "nan", "inf")
+GRADIENT_MODES = ("alie", "ipm", "mimic", "label_flip", "alie_opt", "ipm_opt")
+ADAPTIVE = {"alie_opt": attacks.alie_opt, "ipm_opt": attacks.ipm_opt}
 BYZANTINE_MODES = WIRE_MODES + GRADIENT_MODES
 
 # oracle(ranks, flip_labels) -> (len(ranks), d): those ranks' flat gradients of the current step
@@ -65,8 +67,10 @@ class ByzantineStep:
     target: int = -1
     oracle: Oracle | None = None
 
-    def forge(self, own: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        """The flat gradient this rank sends: its own unless a gradient-level mode attacks."""
+    def forge(self, own: torch.Tensor, rank: int, world_size: int,
+              target: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The flat gradient this rank sends: its own unless a gradient-level mode attacks. `target`:
+        the strategy's aggregation of an (n, d) matrix, which the adaptive modes search against."""
         if self.mode not in GRADIENT_MODES:
             return own
         if self.oracle is None:
@@ -74,6 +78,10 @@ class ByzantineStep:
         if self.mode == "label_flip":
             return self.oracle([rank], True)[0].to(own.dtype)
         honest = self.oracle([r for r in range(world_size) if r not in self.ranks], False)
+        if self.mode in ADAPTIVE:
+            if target is None:
+                raise RuntimeError(f"byzantine mode {self.mode!r} needs the strategy's aggregator to search against")
+            return ADAPTIVE[self.mode](honest, self.ranks, world_size, target)[0].to(own.dtype)
         if self.mode == "alie":
             z = self.z if self.z is not None else attacks.alie_z(world_size, len(self.ranks))
             forged = attacks.alie(honest, z)
@@ -96,7 +104,7 @@ def corruption(mode: str, scale: float, seed: int) -> Callable[[torch.Tensor], t
             return t + scale * torch.randn(t.shape, generator=gen).to(t.dtype)
         if mode == "zeros":
             return torch.zeros_like(t)
-        return torch.full_like(t, float("nan"))
+        return torch.full_like(t, float("inf" if mode == "inf" else "nan"))
     return corrupt
 
 

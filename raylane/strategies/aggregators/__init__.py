@@ -1,6 +1,6 @@
 """Robust aggregators: importing this package registers every rule (see base.py for the contract)."""
 
-from raylane.strategies.aggregators import clipping, flag, geomed, krum, simple  # noqa: F401  (register)
+from raylane.strategies.aggregators import caf, clipping, flag, geomed, krum, monna, simple, subsets  # noqa: F401
 from raylane.strategies.aggregators.base import Aggregator, Result, build, gram, registry
 from raylane.strategies.aggregators.nnm import NNM, mixing_matrix
 

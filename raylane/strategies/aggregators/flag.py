@@ -125,8 +125,8 @@ class Flag(Aggregator):
     name, config_cls = "flag", FlagConfig
 
     @classmethod
-    def min_workers(cls, cfg: FlagConfig, f: int) -> tuple[int, str]:
-        return max(2 * f + 1, cfg.r), f"n > 2f and n >= r={cfg.r}"
+    def check_params(cls, cfg: FlagConfig, n: int, f: int, prefix: str) -> None:
+        check(cfg.r <= n, f"{prefix}.r", cfg.r, f"must be <= cluster.num_workers={n} (the subspace's dimension)")
 
     def __call__(self, G, state=None, gram_matrix=None) -> Result:
         n = G.shape[0]

@@ -81,6 +81,13 @@ class MultiKrum(Aggregator):
     def min_workers(cls, cfg, f: int) -> tuple[int, str]:
         return 2 * f + 3, "n > 2f + 2"
 
+    @classmethod
+    def check_params(cls, cfg: MultiKrumConfig, n: int, f: int, prefix: str) -> None:
+        check(cfg.m <= n, f"{prefix}.m", cfg.m, f"must be <= cluster.num_workers={n} (rows averaged), or 0 for n - f")
+
+    def required_rows(self) -> int:
+        return max(2 * self.f + 3, self.cfg.m)
+
     def __call__(self, G, state=None, gram_matrix=None) -> Result:
         n = G.shape[0]
         m = self.cfg.m or n - self.f

@@ -31,6 +31,9 @@ class NNM:
         self.inner, self.f = inner, f
         self.stateful = inner.stateful
 
+    def required_rows(self) -> int:
+        return max(self.inner.required_rows(), 2 * self.f + 1)
+
     def __call__(self, G: torch.Tensor, state=None, gram_matrix=None) -> Result:
         K = gram(G) if gram_matrix is None else gram_matrix
         M = mixing_matrix(K, self.f)

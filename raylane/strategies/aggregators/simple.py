@@ -6,6 +6,9 @@
   values' range.
 - trimmed_mean (Yin et al. 2018): per coordinate, drop the `trim` largest and smallest
   values (default trim = f) and average the rest; also within the honest range.
+- meamed (mean around median; Xie, Koyejo and Gupta 2018, "Generalized Byzantine-tolerant SGD"):
+  per coordinate, the mean of the n - f values closest to the coordinate's median (ties: the
+  lower row index). Needs n > 2f; with f values far away it is the honest values' mean exactly.
 """
 
 from __future__ import annotations
@@ -46,6 +49,24 @@ class Mean(Aggregator):
         n = G.shape[0]
         w = torch.full((n,), 1.0 / n, dtype=torch.float64)
         return Result(G.mean(dim=0), weights=w)
+
+
+@dataclass
+class MeamedConfig:
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@register
+class Meamed(Aggregator):
+    name, config_cls = "meamed", MeamedConfig
+
+    def __call__(self, G, state=None, gram_matrix=None) -> Result:
+        n = G.shape[0]
+        keep = n - min(self.f, n - 1)
+        dist = (G - coordinate_median(G)).abs()
+        order = dist.argsort(dim=0, stable=True)[:keep]
+        return Result(G.gather(0, order).mean(dim=0))
 
 
 @register
