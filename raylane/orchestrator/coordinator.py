@@ -23,7 +23,7 @@ import ray
 import yaml
 
 from raylane import strategies
-from raylane.orchestrator import checkpoint
+from raylane.orchestrator import checkpoint, contract, straggler_stats
 from raylane.orchestrator.faults import FaultPlan
 from raylane.orchestrator.metrics import MetricsSink, read_records
 from raylane.orchestrator.outliers import OutlierDetector
@@ -77,6 +77,8 @@ class Coordinator:
         self._failures: dict[int, int] = {}  # step -> failures in a row
         self.checkpoint_step: int | None = None
         self._byzantine: set[int] = set()
+        self._delays: dict[int, float] = {}  # this step's straggler delays, by rank
+        self._straggling = False  # the plan's first delay was announced
         self.samples_at: dict[int, int] = {0: 0}
         self.summary = Summary()
         self.outliers = OutlierDetector(cfg.faults.outlier_window, cfg.faults.outlier_factor,
@@ -214,6 +216,12 @@ class Coordinator:
                 self.metrics.event(step, "fault_injected", kind=kind, rank=rank)
                 log.warning("fault injected: %s on worker %d at step %d%s", kind, rank, step, detail)
         self._byzantine = byzantine
+        self._delays = straggler_stats.delays(directives)
+        if self._delays and not self._straggling:
+            self._straggling = True
+            self.metrics.event(step, "fault_injected", kind="straggler", rank=None)
+            log.warning("fault plan: stragglers from step %d (delays every step, counted in stragglers/ metrics)",
+                        step)
 
     def _log_step(self, step: int, results: list[dict], round_s: float, lr: float) -> None:
         n = len(results)
@@ -232,6 +240,9 @@ class Coordinator:
                    **{f"comm/{name}/bytes_sent": sum(r.get("group_bytes_sent", {}).get(name, 0) for r in results)
                       for name in sorted({n for r in results for n in r.get("group_bytes_sent", {})})},
                    **{k: v for r in results[:1] for k, v in r.items() if "/" in k}}
+        if straggler_stats.has_plan(self.cfg.faults):
+            metrics.update(straggler_stats.step_metrics(self._delays, metrics))
+        self.summary.record_metrics(metrics)
         self.metrics.log(step, metrics, advance=1)
         if self.cfg.faults.detect_outliers:
             for rank, mine, peers in self.outliers.observe(results):
@@ -254,6 +265,7 @@ class Coordinator:
                 hits = [p[f"{view}/accuracy"] for p in parts]
                 logged["eval/accuracy" if i == 0 else f"eval/accuracy_{view}"] = \
                     sum(c for c, _ in hits) / max(1, sum(s for _, s in hits))
+        self.summary.record_metrics(logged)
         self.metrics.log(self.step, logged)
         return losses[views[0]]
 
@@ -263,6 +275,7 @@ class Coordinator:
         per rank, and the driver's state."""
         keys = self.layout().state_keys
         first = {key: ranks[0] for key, ranks in self.layout().holders().items()}
+        self._check_identical()
         self.summary.wall_s = self.metrics.elapsed_s()
         states = ray.get([a.state_dict.remote(replica=(first[keys[r]] == r))
                           for r, a in enumerate(self.group.actors)], timeout=self.cfg.cluster.round_timeout_s)
@@ -277,6 +290,17 @@ class Coordinator:
         self.metrics.event(self.step, "checkpoint", path=str(path))
         self.checkpoint_step = self.step
         return path
+
+    def _check_identical(self) -> None:
+        """Ranks that share a state key hold the same parameters, or the run stops (contract.py). Not
+        checked under a Byzantine plan: a forged message may legitimately leave the ranks apart."""
+        if any(e.kind == "byzantine" for e in self.cfg.faults.events):
+            return
+        prints = ray.get([a.fingerprint.remote() for a in self.group.actors], timeout=self.cfg.cluster.round_timeout_s)
+        problem = contract.identical_state_problem(self.layout(), prints, self.cfg.strategy.name)
+        if problem is not None:
+            self.metrics.event(self.step, "run_failed", error=problem)
+            raise RunFailed(problem)
 
     def restore_checkpoint(self) -> bool:
         """Load the newest valid checkpoint into every worker; False when there is none."""

@@ -247,6 +247,18 @@ class TrainWorker:
         """The first evaluation view's parameters, flat (whole also where the strategy partitions them)."""
         return self.strategy.full_parameters()
 
+    @torch.no_grad()
+    def fingerprint(self, per_param: int = 8) -> list[float]:
+        """`per_param` values at evenly spaced positions of each local parameter (the same positions
+        on every rank; orchestrator/contract.py compares them across ranks that share a state key)."""
+        out: list[float] = []
+        for p in self.model.parameters():
+            flat = p.detach().reshape(-1)
+            if flat.numel():
+                idx = torch.linspace(0, flat.numel() - 1, min(per_param, flat.numel())).long().to(flat.device)
+                out += flat[idx].double().cpu().tolist()
+        return out
+
     def comm_stats(self) -> dict[str, Any]:
         return self.comm.stats.as_dict()
 
