@@ -22,7 +22,8 @@ LAYOUT = [
     ("Speed", [("step time", "Step", ["train/step_time_s", "train/round_s"]),
                ("throughput", "Step", ["train/tokens_per_s"])]),
     ("Stragglers", [("straggler wait", "Step", ["stragglers/wait_s"]),
-                    ("stragglers tolerated", "Step", ["stragglers/tolerated"])]),
+                    ("stragglers tolerated", "Step", ["stragglers/tolerated"]),
+                    ("straggler delays injected", "Step", ["stragglers/delay_s", "stragglers/delayed"])]),
     ("Faults", [("fault events", "Step", ["faults/events"]),
                 ("time to recover", "Step", ["faults/recovery_s"])]),
 ]

@@ -23,3 +23,13 @@ def test_dashboard_command_without_save_prints_sections(capsys):
     assert main(["--entity", "someone"]) == 0
     out = capsys.readouterr().out
     assert "Loss:" in out and "Faults:" in out
+
+
+def test_straggler_panels_read_metrics_a_straggler_plan_writes():
+    from raylane.dashboard import LAYOUT
+    from raylane.orchestrator.straggler_stats import step_metrics
+
+    written = step_metrics({1: 0.3}, {"gc/wait_s": 0.2, "gc/stragglers": 1})
+    wanted = {y for _, plots in LAYOUT for _, _, ys in plots for y in ys if y.startswith("stragglers/")}
+    assert wanted and wanted <= set(written)
+    assert (written["stragglers/wait_s"], written["stragglers/tolerated"], written["stragglers/delayed"]) == (0.2, 1, 1)
