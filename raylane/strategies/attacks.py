@@ -106,7 +106,11 @@ def adaptive(honest: torch.Tensor, ranks: list[int] | tuple[int, ...], n: int,
 
     def damage(x: float) -> float:
         if x not in cache:
-            v = target(with_byzantine_rows(honest, ranks, n, forge(honest, x)))
+            try:
+                v = target(with_byzantine_rows(honest, ranks, n, forge(honest, x)))
+            except (RuntimeError, ValueError):        # the rule cannot aggregate this matrix
+                cache[x] = -1.0
+                return cache[x]
             d = float((v.double() - mu).norm())
             cache[x] = d if math.isfinite(d) else -1.0     # a rule that fails is not a win
         return cache[x]

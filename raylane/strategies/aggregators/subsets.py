@@ -19,6 +19,7 @@ both rules then return the honest mean exactly.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from math import comb
@@ -37,8 +38,9 @@ class SubsetConfig:
         pass
 
 
+@functools.lru_cache(maxsize=32)
 def subsets(n: int, f: int) -> torch.Tensor:
-    """Every (n - f)-subset of range(n), lexicographic, as a (C(n, f), n - f) index tensor."""
+    """Every (n - f)-subset of range(n), lexicographic, as a (C(n, f), n - f) index tensor (cached)."""
     return torch.tensor(list(itertools.combinations(range(n), n - f)), dtype=torch.long).reshape(-1, n - f)
 
 
@@ -56,7 +58,8 @@ class _SubsetRule(Aggregator):
     @classmethod
     def check_params(cls, cfg, n: int, f: int, prefix: str) -> None:
         check(comb(n, f) <= MAX_SUBSETS, "strategy.f", f,
-              f"{cls.name} scores all C(n={n}, f) = {comb(n, f)} subsets; at most {MAX_SUBSETS} (use fewer workers or f)")
+              f"{cls.name} scores all C(n={n}, f) = {comb(n, f)} subsets; at most {MAX_SUBSETS} "
+              "(use fewer workers or a smaller f)")
 
     def scores(self, K: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -94,5 +97,14 @@ class SmallestMaxEigenvalueAveraging(_SubsetRule):
     name = "smea"
 
     def scores(self, K, idx):
-        # the non-zero eigenvalues of the scatter matrix are those of the centered Gram matrix
-        return torch.linalg.eigvalsh(_centered_gram(K, idx))[:, -1] / idx.shape[1]
+        """lambda_max of each subset's scatter / |S| (the non-zero eigenvalues of the scatter matrix
+        are those of the centered Gram matrix). Exact, with pruning: tr/(m - 1) <= lambda_max <= tr
+        (rank <= m - 1), so a subset whose lower bound exceeds the smallest trace cannot win; only
+        the others are eigen-decomposed (the rest score +inf)."""
+        m = idx.shape[1]
+        sub = K[idx[:, :, None], idx[:, None, :]]
+        tr = sub.diagonal(dim1=1, dim2=2).sum(dim=1) - sub.sum(dim=(1, 2)) / m
+        live = (tr / max(m - 1, 1) <= tr.min() * (1 + 1e-9)).nonzero().flatten()
+        out = torch.full((idx.shape[0],), float("inf"), dtype=K.dtype)
+        out[live] = torch.linalg.eigvalsh(_centered_gram(K, idx[live]))[:, -1] / m
+        return out
