@@ -195,8 +195,8 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     strat = dict(raw.get("strategy") or {})
     spec = strategies.get(strat.get("name", "ddp"))
     check("engine" not in strat or getattr(spec.worker_cls, "hosts_replicas", False), "strategy.engine",
-          strat.get("engine"), f"strategy={spec.name} can't host an inner engine; use strategy=hsdp or "
-          f"strategy=replica_diloco")
+          strat.get("engine"), f"strategy={_chosen(spec.name, strat)} can't host an inner engine; use "
+          f"{_replica_alternative(spec.name)}")
     sections = {k: from_dict(cls, raw.get(k), k) for k, cls in _SECTIONS.items()}
     seed, resume = raw.get("seed", 0), raw.get("resume", "auto")
     check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
@@ -213,8 +213,8 @@ def validate(raw: dict[str, Any]) -> RunConfig:
               f"strategy={cfg.strategy.name} takes only {list(WIRE_MODES)}")
     check(cfg.cluster.ranks_per_replica == 1 or getattr(spec.worker_cls, "hosts_replicas", False),
           "cluster.ranks_per_replica", cfg.cluster.ranks_per_replica,
-          f"strategy={cfg.strategy.name} trains one rank per replica; multi-rank replicas need strategy=hsdp or "
-          f"strategy=replica_diloco")
+          f"strategy={_chosen(cfg.strategy.name, strat)} trains one rank per replica; multi-rank replicas need "
+          f"{_replica_alternative(cfg.strategy.name)}")
     check_run = getattr(cfg.strategy, "check_run", None)  # a strategy's checks against the whole run
     if check_run is not None:
         check_run(cfg)
@@ -233,6 +233,18 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     preflight.check(cfg)  # a usable run.root, a W&B key when online (reads only)
     rundir.check(cfg)  # the run dir and resume, against what is on disk (reads only)
     return cfg
+
+
+def _chosen(name: str, strat: dict) -> str:
+    """The preset the user picked, as far as the keys tell: streaming_diloco is diloco with fragments."""
+    return "streaming_diloco" if name == "diloco" and (strat.get("fragments") or 1) > 1 else name
+
+
+def _replica_alternative(name: str) -> str:
+    """The multi-rank-replica strategy to suggest instead of `name`."""
+    if name == "diloco":
+        return "strategy=replica_diloco (DiLoCo across multi-rank replicas; strategy.fragments > 1 streams it)"
+    return "strategy=hsdp (or strategy=replica_diloco)"
 
 
 def _check_driver_crash(cfg: RunConfig) -> None:

@@ -22,10 +22,11 @@ def _cfg(tmp_path, *overrides: str):
     return config.load([*SMALL, f"run.root={tmp_path}", *overrides])
 
 
-def _reference(cfg, steps: int) -> tuple[list[float], np.ndarray, float]:
+def _reference(cfg, steps: int, clip: float = 0.0) -> tuple[list[float], np.ndarray, float]:
     """ddp over cluster.num_workers ranks, in one process: one optimizer step per global batch on the
-    mean of the ranks' losses (equal slices, so the mean gradient is ddp's averaged gradient).
-    Returns the loss curve, the final flat parameters and their mean eval loss."""
+    mean of the ranks' losses (equal slices, so the mean gradient is ddp's averaged gradient), clipped
+    to `clip` (0: not) as ddp clips. Returns the loss curve, the final flat parameters and their mean
+    eval loss."""
     from raylane.workers.optim import lr_at
     from raylane.workers.worker import TrainWorker
 
@@ -38,6 +39,8 @@ def _reference(cfg, steps: int) -> tuple[list[float], np.ndarray, float]:
         parts = [w._loss(w.data.train_batch(w.sampler.indices(offset + r * bs, bs))) for r in range(world)]
         loss = torch.stack(parts).mean()
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(w.model.parameters()), clip)
         for g in w.optimizer.param_groups:
             g["lr"] = lr_at(step, cfg.train.steps, cfg.optim)
         w.optimizer.step()
@@ -74,17 +77,89 @@ def test_layout_has_inner_groups_per_replica_and_outer_groups_per_local_rank(tmp
 
 @pytest.mark.parametrize("overrides, message", [
     (["cluster.ranks_per_replica=3"], "cluster.ranks_per_replica=3: must be >= 1 and divide cluster.num_workers=4"),
-    (["strategy=diloco", "cluster.ranks_per_replica=2"], "multi-rank replicas need strategy=hsdp"),
+    (["strategy=diloco", "cluster.ranks_per_replica=2"], "multi-rank replicas need strategy=replica_diloco"),
     (["strategy=robust", "+strategy.engine=deepspeed"], "strategy=robust can't host an inner engine"),
-    (["strategy=hsdp", "strategy.zero_stage=4"], "strategy.zero_stage=4: choose one of [0, 1, 2, 3]"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.zero_stage=4"],
+     "strategy.zero_stage=4: choose one of [0, 1, 2, 3]"),
     (["strategy=hsdp", "strategy.engine=fsdp"], "strategy.engine='fsdp': choose one of ['torch', 'deepspeed']"),
     (["strategy=replica_diloco", "strategy.engine=deepspeed", "strategy.zero_stage=3", "strategy.sync_every=4",
       "strategy.fragments=2"], "strategy.fragments=2: must be 1 with engine=deepspeed zero_stage=3"),
+    (["strategy=hsdp", "strategy.zero_stage=3"], "strategy.zero_stage=3: engine=torch replicates"),
+    (["strategy=hsdp", "strategy.ds_config={bf16:{enabled:true}}"], "strategy.ds_config={'bf16'"),
+    (["strategy=streaming_diloco", "cluster.ranks_per_replica=2"],
+     "strategy=streaming_diloco trains one rank per replica; multi-rank replicas need strategy=replica_diloco"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config={gradient_clipping:0.5}"],
+     "strategy.ds_config.gradient_clipping=0.5 conflicts with optim.grad_clip=1.0"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.zero_stage=2",
+      "strategy.ds_config={zero_optimization:{stage:3}}"],
+     "strategy.ds_config.zero_optimization.stage=3 conflicts with strategy.zero_stage=2"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config={train_micro_batch_size_per_gpu:3}"],
+     "strategy.ds_config.train_micro_batch_size_per_gpu=3 conflicts with data.batch_size / gradient_accum"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config={optimizer:{type:Adam}}"],
+     "strategy.ds_config.optimizer={'type': 'Adam'} conflicts with optim="),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config={gradient_accumulation_steps:3}"],
+     "strategy.ds_config.gradient_accumulation_steps=3: must be an integer >= 1 dividing data.batch_size=4"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.zero_stage=0", "strategy.ds_config={bf16:{enabled:true}}"],
+     "strategy.ds_config.bf16.enabled=True: mixed precision needs strategy.zero_stage >= 1"),
+    (["strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config=/no/such/ds.json"],
+     "strategy.ds_config='/no/such/ds.json': no such file"),
 ])
 def test_bad_replica_config_is_one_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, *overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fp16_on_a_cpu_without_it_is_refused_before_ray_starts(tmp_path):
+    from raylane.strategies.replica_ds_config import _cpu_has_fp16
+
+    if _cpu_has_fp16():
+        pytest.skip("this CPU has oneDNN fp16: DeepSpeed's CPU accelerator takes fp16 here")
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, "strategy=hsdp", "strategy.engine=deepspeed", "strategy.ds_config={fp16:{enabled:true}}")
+    assert "DeepSpeed's CPU accelerator has no fp16 on this CPU" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_users_ds_config_file_is_merged_under_raylanes_keys(tmp_path):
+    """A YAML file (a JSON one alike) with the user's precision, accumulation and ZeRO-3 tuning: raylane
+    derives the batch sizes, keeps clipping, stage and persistence, sets the exposed ZeRO-3 limits and
+    leaves the comms logger off; the user's own keys pass through."""
+    from raylane.strategies.replica_ds_config import merged
+
+    path = tmp_path / "ds.yaml"
+    path.write_text("bf16: {enabled: true}\ngradient_accumulation_steps: 2\nactivation_checkpointing: "
+                    "{partition_activations: true}\nzero_optimization: {stage: 3, stage3_prefetch_bucket_size: 500}\n")
+    cfg = _cfg(tmp_path, "strategy=hsdp", "strategy.engine=deepspeed", "cluster.ranks_per_replica=2",
+               f"strategy.ds_config={path}", "strategy.max_live_parameters=1000", "optim.grad_clip=0.5")
+    assert cfg.strategy.zero_stage == 3  # from the user's file
+    out = merged(cfg.strategy, ds_clips=True)
+    assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"], out["train_batch_size"]) == (2, 2, 8)
+    assert out["gradient_clipping"] == 0.5 and out["bf16"] == {"enabled": True}
+    assert out["activation_checkpointing"] == {"partition_activations": True}
+    assert out["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 500, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_live_parameters": 1000}
+    assert out["comms_logger"] == {"enabled": False} and merged(cfg.strategy, ds_clips=False)["gradient_clipping"] == 0
+    (tmp_path / "ds.json").write_text('{"comms_logger": {"enabled": true}}')
+    asked = _cfg(tmp_path, "strategy=hsdp", "strategy.engine=deepspeed", f"strategy.ds_config={tmp_path / 'ds.json'}")
+    assert merged(asked.strategy, ds_clips=True)["comms_logger"] == {"enabled": True}  # on when asked
+
+
+def test_a_view_of_a_flat_buffer_is_saved_with_its_own_bytes_only():
+    """engine=torch / ZeRO-0 parameters are views of one flat buffer: saved as they are, each would
+    carry the whole buffer."""
+    import io
+
+    from raylane.workers.worker import compact
+
+    flat = torch.zeros(10_000)
+    state = {"a": flat[:100].view(10, 10), "b": [flat[100:200]], "own": torch.ones(50)}
+    sizes = []
+    for tree in (state, compact(state)):
+        buf = io.BytesIO()
+        torch.save(tree, buf)
+        sizes.append(buf.tell())
+    assert sizes[0] > 10_000 * 4 and sizes[1] < 250 * 4 + 3000  # (+ the format's own overhead)
+    assert compact(state)["own"] is state["own"]  # no copy where none is needed
 
 
 # -- equivalences on plain processes ----------------------------------------------------------
@@ -101,6 +176,60 @@ def _h1_replica_diloco_equals_ddp(tmp_path, zero_stage: int):
     for r in results:
         np.testing.assert_allclose(r["params"], params, atol=1e-5)
     return cfg, results, params, eval_loss
+
+
+def _socket_payload(r: dict) -> int:
+    """What a rank wrote to its sockets over its steps after the first (whose report also holds what
+    building the engine sent), less Gloo's 48-byte header per message sent and per receive posted
+    (benchmarks/comm.py's measure)."""
+    return sum(w - 48 * (2 * sent + recv) for w, sent, recv in r["wire"][1:])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_hsdp_2x2_deepspeed_clips_by_ddps_global_norm_counts_the_socket_bytes_and_saves_ddps_size(tmp_path,
+                                                                                                zero_stage):
+    """2 replicas x 2 DeepSpeed ranks, optim.grad_clip=1 (binding: the norm exceeds it): the gradient is
+    clipped by the norm of the gradient averaged over all replicas, so the run is ddp's to 1e-6.
+    ZeRO-0 reduces shard by shard (DeepSpeed's own all-reduce off); ZeRO-3 builds the model under
+    zero.Init. Every byte a rank sends (DeepSpeed's collectives included) is counted: the step bytes
+    equal what its sockets carried within 1%. A replica's checkpoint parts (one per state key) hold
+    each tensor's own bytes: within 10% of ddp's part for the same model and optimizer."""
+    import io
+
+    from raylane.workers.worker import TrainWorker
+
+    cfg = _cfg(tmp_path, "optim.name=sgd", "optim.lr=0.2", "optim.schedule=constant", "optim.grad_clip=1",
+               "model.d_model=64", "strategy=hsdp", "cluster.ranks_per_replica=2", "strategy.engine=deepspeed",
+               f"strategy.zero_stage={zero_stage}")
+    results = train_ranks(cfg, 4)
+    losses, params, _ = _reference(cfg, 4, clip=1.0)
+    assert min(s["grad_norm"] for s in results[0]["steps"]) > 1  # clipping binds at every step
+    np.testing.assert_allclose(_mean_curve(results), losses, rtol=1e-6)
+    for r in results:
+        np.testing.assert_allclose(r["params"], params, atol=1e-6)
+        assert sum(s["bytes_sent"] for s in r["steps"][1:]) == pytest.approx(_socket_payload(r), rel=0.01)
+        ds_sent = sum(s["deepspeed/bytes_sent"] for s in r["steps"][1:])  # ZeRO-0: raylane's hook reduces
+        assert ds_sent > 0 if zero_stage == 3 else ds_sent == 0
+    ddp = TrainWorker(_with(cfg, strategy=get("ddp").config_cls()), 0)
+    buf = io.BytesIO()
+    torch.save({"model": ddp.model.state_dict(), "optimizer": ddp.optimizer.state_dict(), "strategy": {}}, buf)
+    keys = get("hsdp").worker_cls.layout(cfg.strategy, 4).state_keys
+    saved = sum(results[keys.index(k)]["state_bytes"] for k in set(keys))  # one part per state key
+    assert saved == pytest.approx(buf.tell(), rel=0.1)
+
+
+def test_deepspeed_bf16_with_gradient_accumulation_tracks_the_fp32_loss(tmp_path):
+    """The user's DeepSpeed config: bf16 + 2 micro-batches per step (one replica of 2 ranks, ZeRO-2,
+    AdamW, grad_clip=1). Its loss curve stays within 2% of fp32 ddp's on the same batches (bf16 keeps
+    8 significant bits: ~0.4% per rounding of the weights and activations), and it trains."""
+    cfg = _cfg(tmp_path, "strategy=hsdp", "cluster.num_workers=2", "cluster.ranks_per_replica=2",
+               "strategy.engine=deepspeed", "strategy.zero_stage=2", "optim.schedule=constant", "optim.lr=0.01",
+               "strategy.ds_config={bf16:{enabled:true},gradient_accumulation_steps:2}")
+    results = train_ranks(cfg, 8)
+    losses, _, _ = _reference(cfg, 8, clip=cfg.optim.grad_clip)
+    curve = _mean_curve(results)
+    assert np.max(np.abs(curve - losses) / np.asarray(losses)) < 0.02
+    assert curve[-1] < 0.9 * curve[0]
 
 
 def test_replica_diloco_deepspeed_zero1_with_h1_equals_ddp_over_all_ranks(tmp_path):
@@ -213,3 +342,19 @@ def test_replicas_benchmark_claims_are_computed_from_its_rows():
     for r in rows:
         r["inner_bytes_per_step"] = 100.0 * H * 2
     assert [c["holds"] for c in claims_for(rows)][:2] == [True, False]  # fp32 needs >= H, int8 >= 4 x H
+
+
+def test_replicas_benchmark_memory_claims_are_computed_from_its_rows():
+    from benchmarks.replicas import memory_claims
+
+    def row(system, held, peak, params=0):
+        return {"system": system, "param_and_optimizer_bytes_per_rank": held, "peak_growth_mb_per_rank": peak,
+                "params": params}
+
+    rows = [row("memory zero0", 12.0, 100.0), row("memory zero3", 8.0, 50.0), row("memory zero3 bf16", 7.0, 40.0),
+            row("sweep torch d1", 0, 90.0, 10), row("sweep torch d2", 0, 110.0, 20),
+            row("sweep zero3 d1", 0, 50.0, 10), row("sweep zero3 d2", 0, 99.0, 20)]
+    holds = {c["claim"].split(" (")[0]: c["holds"] for c in memory_claims(rows, cap_mb=100.0)}
+    assert list(holds.values()) == [False, True, True, True]  # 8/12 > 0.6; 7/12; 0.5; 20 / 10 params
+    rows[-1]["peak_growth_mb_per_rank"] = 101.0  # ZeRO-3's larger model no longer fits: 10 / 10
+    assert not memory_claims(rows, cap_mb=100.0)[-1]["holds"]

@@ -27,7 +27,7 @@ engine metrics of replicas.py.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from raylane.strategies.base import Layout, WorkerContext, register
@@ -35,18 +35,16 @@ from raylane.strategies.diloco import DiLoCoConfig, DiLoCoDriver, DiLoCoWorker, 
 from raylane.strategies.diloco_fragments import SyncSchedule, split_parameters
 from raylane.strategies.diloco_outer import OuterSync
 from raylane.strategies.replica_engine import owned_pieces
-from raylane.strategies.replicas import ReplicaWorker, bind_cluster, check_engine, replica_layout
+from raylane.strategies.replicas import EngineKeys, ReplicaWorker, bind_cluster, check_engine, replica_layout
 from raylane.validation import check
 
 
 @dataclass
-class ReplicaDiLoCoConfig(DiLoCoConfig):
+class ReplicaDiLoCoConfig(EngineKeys, DiLoCoConfig):
+    """diloco's keys and the engine keys (replicas.EngineKeys); inner steps clip by the replica's norm."""
+
     name: str = "replica_diloco"
-    engine: str = "torch"  # torch | deepspeed
-    zero_stage: int = 1  # deepspeed's ZeRO stage, 0-3
     recover_from: str = "peer_replica"  # a lost rank's replica restarts from a live peer replica (diloco.py)
-    ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
-    eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

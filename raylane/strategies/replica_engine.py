@@ -132,6 +132,9 @@ class TorchEngine:
     def gathered(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # every rank holds the whole model
 
+    def release(self) -> None:
+        pass  # nothing is ever gathered
+
     def set_comm(self, inner: Communicator, store: Any) -> None:
         assert inner.world_size * self.owned[0].master.numel() == self.flat.numel(), \
             "the replica's size changed: recovery keeps replicas whole (layout.unit = ranks_per_replica)"
@@ -147,6 +150,10 @@ class TorchEngine:
     def master_bytes(self) -> int:
         return 0  # the model's own parameters are the master
 
+    def param_bytes(self) -> int:
+        """The working parameters this rank holds (the whole replicated model)."""
+        return self.flat.numel() * self.flat.element_size()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -160,9 +167,10 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
-def build_engine(name: str, zero_stage: int, ctx: WorkerContext, inner: Communicator, replica: int) -> Any:
-    if name == "torch":
+def build_engine(cfg: Any, ctx: WorkerContext, inner: Communicator, replica: int) -> Any:
+    """The engine `cfg.engine` names (cfg: the strategy config, validated and bound to the run)."""
+    if cfg.engine == "torch":
         return TorchEngine(ctx, inner)
     from raylane.strategies.replica_deepspeed import DeepSpeedEngine  # deepspeed is imported only here
 
-    return DeepSpeedEngine(ctx, inner, zero_stage, replica)
+    return DeepSpeedEngine(ctx, inner, cfg, replica)

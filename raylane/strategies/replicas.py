@@ -14,13 +14,18 @@ through `check_run` at validation, because a layout sees only the strategy confi
 `hsdp`: ddp across replicas, HSDP-like. Every step's gradient is the mean over all ranks: averaged
 inside the replica by the engine, then the owned shard is all-reduced across replicas (engine=torch:
 inner reduce-scatter, outer all-reduce, inner all-gather; deepspeed: an optimizer pre-step hook on
-the partition DeepSpeed has just reduced). Replicas stay identical: one state key per shard
+the partition DeepSpeed has just reduced; ZeRO-0 shard by shard as engine=torch). Clipping
+(`clip`): `global` (default) clips by the norm of the gradient averaged over all replicas, as ddp
+does; `replica` clips each replica's gradient by its own norm before the average (DeepSpeed's
+gradient_clipping inside the replica). Replicas stay identical: one state key per shard
 (`shard_<s>`) with ZeRO >= 1, else `replica`.
 Caveat (deepspeed): a rank lost inside DeepSpeed's post-step all-gather leaves its replica-mates'
 partitions stepped; recovery copies the live replica's state only to the replaced rank.
-Metrics (rank 0's): deepspeed/bytes_sent (DeepSpeed's own traffic, estimated: replica_deepspeed.py),
+Metrics (rank 0's): deepspeed/bytes_sent (DeepSpeed's own traffic, counted as issued and also part
+of the inner Communicator's bytes: replica_ds_comm.py),
 engine/optimizer_state_bytes (the optimizer's state tensors on this rank), engine/master_bytes
-(DeepSpeed's fp32 master partition), engine/peak_rss_bytes.
+(DeepSpeed's fp32 master partition), engine/param_bytes (the working parameters this rank holds
+between steps: ZeRO-3's partitions), engine/peak_rss_bytes.
 """
 
 from __future__ import annotations
@@ -38,19 +43,54 @@ from raylane.validation import check, one_of
 
 
 def check_engine(cfg: Any, prefix: str) -> None:
+    """The engine keys: engine=torch is inner ddp with replicated state (zero_stage null or 0, no
+    ds_config); engine=deepspeed reads ds_config and settles zero_stage (replica_ds_config.py)."""
     one_of(f"{prefix}.engine", cfg.engine, ENGINES)
+    if cfg.engine == "torch":
+        check(cfg.zero_stage in (None, 0), f"{prefix}.zero_stage", cfg.zero_stage,
+              "engine=torch replicates parameters and optimizer state (ZeRO-0); ZeRO stages 1-3 need "
+              f"{prefix}.engine=deepspeed")
+        check(cfg.ds_config is None, f"{prefix}.ds_config", cfg.ds_config, f"needs {prefix}.engine=deepspeed")
+        for key in ("max_live_parameters", "prefetch_bucket_size", "max_reuse_distance"):
+            check(getattr(cfg, key) is None, f"{prefix}.{key}", getattr(cfg, key),
+                  f"a ZeRO-3 limit: needs {prefix}.engine=deepspeed {prefix}.zero_stage=3")
+        return
+    from raylane.strategies.replica_ds_config import resolve
+
+    resolve(cfg, prefix)
     one_of(f"{prefix}.zero_stage", cfg.zero_stage, ZERO_STAGES)
 
 
 def bind_cluster(cfg: Any, run: Any) -> None:
-    """Record the run's replica shape in the strategy config (the layout sees only that)."""
+    """Record the run's replica shape (and what DeepSpeed's config derives from the run) in the strategy
+    config: a layout and an engine see only that."""
     cfg.ranks_per_replica = run.cluster.ranks_per_replica
     cfg.eval_batches = run.data.eval_batches
+    cfg.batch_size, cfg.grad_clip = run.data.batch_size, run.optim.grad_clip
     if cfg.engine == "deepspeed":
         import importlib.util
 
+        from raylane.strategies.replica_ds_config import check_run
+
         check(importlib.util.find_spec("deepspeed") is not None, "strategy.engine", cfg.engine,
               "needs the deepspeed package (a raylane dependency): pip install deepspeed==0.19.8")
+        check_run(cfg, run)
+
+
+@dataclass
+class EngineKeys:
+    """The inner-engine keys both replica strategies take (configs/strategy/hsdp.yaml documents them)."""
+
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int | None = None  # deepspeed's ZeRO stage 0-3; null: ds_config's, else 1
+    ds_config: Any = None  # deepspeed: a DeepSpeed JSON/YAML path or a mapping (replica_ds_config.py)
+    max_live_parameters: int | None = None  # ZeRO-3: stage3_max_live_parameters (null: DeepSpeed's)
+    prefetch_bucket_size: int | None = None  # ZeRO-3: stage3_prefetch_bucket_size
+    max_reuse_distance: int | None = None  # ZeRO-3: stage3_max_reuse_distance
+    ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
+    eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
+    batch_size: int = field(default=1, init=False)  # from data.batch_size (check_run)
+    grad_clip: float = field(default=0.0, init=False)  # from optim.grad_clip (check_run)
 
 
 def replica_layout(world_size: int, ranks_per_replica: int, key: Callable[[int, int], str]) -> Layout:
@@ -67,7 +107,7 @@ def replica_layout(world_size: int, ranks_per_replica: int, key: Callable[[int, 
 
 def sharded(cfg: Any) -> bool:
     """Whether the local ranks of a replica hold different state (ZeRO >= 1 shards the optimizer)."""
-    return cfg.engine == "deepspeed" and cfg.zero_stage >= 1
+    return cfg.engine == "deepspeed" and (cfg.zero_stage or 0) >= 1
 
 
 class ReplicaWorker(WorkerStrategy):
@@ -78,7 +118,19 @@ class ReplicaWorker(WorkerStrategy):
     def __init__(self, cfg: Any, ctx: WorkerContext):
         super().__init__(cfg, ctx)
         self.replica = ctx.rank // cfg.ranks_per_replica
-        self.engine = build_engine(cfg.engine, cfg.zero_stage, ctx, ctx.comms["inner"], self.replica)
+        self.engine = build_engine(cfg, ctx, ctx.comms["inner"], self.replica)
+
+    @classmethod
+    def builds_model_in_group(cls, cfg: Any) -> bool:
+        """ZeRO-3 builds the model partitioned, inside the replica's group (`build_model_in_group`)."""
+        return cfg.engine == "deepspeed" and cfg.zero_stage == 3
+
+    @classmethod
+    def build_model_in_group(cls, cfg: Any, build: Callable[[], torch.nn.Module], store: Any,
+                             rank: int) -> torch.nn.Module:
+        from raylane.strategies.replica_deepspeed import build_partitioned
+
+        return build_partitioned(cfg, build, store, rank)
 
     def set_comm(self, comm: Any) -> None:
         super().set_comm(comm)
@@ -89,7 +141,7 @@ class ReplicaWorker(WorkerStrategy):
     def engine_metrics(self) -> dict[str, float]:
         return {"deepspeed/bytes_sent": self.engine.extra_bytes_sent(),
                 "engine/optimizer_state_bytes": self.engine.optimizer_state_bytes(),
-                "engine/master_bytes": self.engine.master_bytes(),
+                "engine/master_bytes": self.engine.master_bytes(), "engine/param_bytes": self.engine.param_bytes(),
                 "engine/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]] | None:
@@ -117,14 +169,17 @@ class ReplicaWorker(WorkerStrategy):
             out[view] = (total, count) if counts else (0.0, 0)
             if getattr(ctx.data, "classification", False):
                 out[f"{view}/accuracy"] = (correct, samples) if counts else (0, 0)
+        self.engine.release()  # a checkpoint after it holds partitions, not gathered parameters
         return out
 
     @torch.no_grad()
     def full_parameters(self) -> torch.Tensor:
-        """The first evaluation view's parameters as one flat vector, whole also under ZeRO-3 (a
+        """The first evaluation view's parameters as one flat fp32 vector, whole also under ZeRO-3 (a
         collective inside the replica: every rank of it calls this)."""
         with self.eval_parameters(self.eval_views[0]), self.engine.gathered():
-            return torch.cat([p.detach().reshape(-1).cpu().clone() for p in self.ctx.model.parameters()])
+            flat = torch.cat([p.detach().reshape(-1).cpu().float() for p in self.ctx.model.parameters()])
+        self.engine.release()
+        return flat
 
     def state_dict(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict()}
@@ -133,15 +188,18 @@ class ReplicaWorker(WorkerStrategy):
         self.engine.load_state_dict(state["engine"])
 
 
+CLIP_SCOPES = ("global", "replica")
+
+
 @dataclass
-class HSDPConfig:
+class HSDPConfig(EngineKeys):
     name: str = "hsdp"
-    engine: str = "torch"  # torch | deepspeed
-    zero_stage: int = 1  # deepspeed's ZeRO stage, 0-3
-    ranks_per_replica: int = field(default=1, init=False)  # from cluster.ranks_per_replica (check_run)
-    eval_batches: int = field(default=8, init=False)  # from data.eval_batches (check_run)
+    clip: str = "global"  # optim.grad_clip by the norm of the gradient averaged over all replicas | each replica's
 
     def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.clip", self.clip, CLIP_SCOPES)
+        check(self.clip == "global" or self.engine == "deepspeed", f"{prefix}.clip", self.clip,
+              f"engine=torch clips by the global norm only; clip=replica needs {prefix}.engine=deepspeed")
         check_engine(self, prefix)
 
     def check_run(self, run: Any) -> None:

@@ -78,9 +78,9 @@ class CharTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.apply(self._init)
-        for block in self.blocks:  # scaled residual projections, as GPT-2
-            for proj in (block.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # scaled residual projections, as GPT-2 (through `apply`, which DeepSpeed's zero.Init gathers for)
+        scaled, std = {id(m) for b in self.blocks for m in (b.proj, b.mlp[2])}, 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.apply(lambda m: nn.init.normal_(m.weight, std=std) if id(m) in scaled else None)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -35,9 +35,10 @@ class TrainWorker:
         self.spec = get_strategy(cfg.strategy.name)
         # a replacement starts at the rank it replaces, in a world of cluster.num_workers
         self.part = self.spec.worker_cls.layout(cfg.strategy, cfg.cluster.num_workers).parts[rank]
-        self.model = build_model(cfg.model, self.data.vocab_size, self.data.input_dim,
-                                 cfg.data.seq_len, cfg.seed, part=self.part).to(self.device)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        # a strategy that partitions the model as it is built (ZeRO-3) builds it in connect, in its group
+        self._in_group = getattr(self.spec.worker_cls, "builds_model_in_group", lambda c: False)(cfg.strategy)
+        self.model = None if self._in_group else self._build_model()
+        self.optimizer = None if self._in_group else build_optimizer(self.model.parameters(), cfg.optim)
         self.strategy = None
         self.comm = None
         self.comms: dict[str, Any] = {}  # the named groups of the strategy's layout
@@ -46,6 +47,11 @@ class TrainWorker:
         self._counted = (0, 0)  # (sent, recv) already reported in step metrics or spent on evaluation
         self._offset = 0  # the current step's first global sample (train_step sets it)
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        return build_model(cfg.model, self.data.vocab_size, self.data.input_dim, cfg.data.seq_len, cfg.seed,
+                           part=self.part).to(self.device)
 
     # -- group membership -------------------------------------------------------------
     def address(self) -> dict[str, Any]:
@@ -71,6 +77,9 @@ class TrainWorker:
                 self.comms[name] = connect(store_host, store_port, generation, ranks.index(rank), len(ranks),
                                            backend, timeout_s, link, bind_host, name=f"{name}/{index}")
         store = StoreAddress(store_host, store_port, generation, backend, timeout_s, bind_host)
+        if self.model is None:
+            self.model = self.spec.worker_cls.build_model_in_group(self.cfg.strategy, self._build_model, store, rank)
+            self.optimizer = build_optimizer(self.model.parameters(), self.cfg.optim)
         if self.strategy is None:
             ctx = WorkerContext(self.model, self.optimizer, self.comm, self._loss, self.cfg.optim.grad_clip,
                                 rank, world_size, self.cfg.seed, comms=self.comms, part=self.part,
@@ -231,8 +240,8 @@ class TrainWorker:
         local = {**rng_state(), "strategy": self.strategy.local_state_dict()}
         if not replica:
             return {"replica": None, "local": local}
-        return {"replica": {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "strategy": self.strategy.state_dict()},
+        return {"replica": compact({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                    "strategy": self.strategy.state_dict()}),
                 "local": local}
 
     def load_state_dict(self, replica: dict[str, Any], local: dict[str, Any] | None = None) -> None:
@@ -265,6 +274,20 @@ class TrainWorker:
     def ping(self) -> tuple[int, int]:
         """(rank, last applied step): a heartbeat."""
         return self.rank, self.step
+
+
+def compact(tree: Any) -> Any:
+    """`tree` with every tensor holding only its own bytes: a view into a larger buffer (engine=torch's and
+    ZeRO-0's flat parameters, DeepSpeed's flat groups) is cloned, or saving or sending it ships the whole
+    buffer once per view."""
+    if isinstance(tree, torch.Tensor):
+        own = tree.numel() * tree.element_size()
+        return tree.clone() if tree.untyped_storage().nbytes() > own else tree
+    if isinstance(tree, dict):
+        return {k: compact(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(compact(v) for v in tree)
+    return tree
 
 
 def rng_state() -> dict[str, Any]:
