@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from raylane import config
-from raylane.strategies.gnn_partition import partition, split_blocks, subgraph, locality_rank
+from raylane.strategies.gnn_common import BestValidation
+from raylane.strategies.gnn_partition import locality_rank, partition, partition_stats, split_blocks, subgraph
 from raylane.strategies.gnnpipe import GnnPipeConfig, GnnPipeWorker, stage_split
 from raylane.validation import ConfigError
-from raylane.workers.graphs import GraphConfig, csbm, karate, load_folder
+from raylane.workers.graphs import REPO, GraphConfig, csbm, karate, load_folder
 from raylane.workers.models import ModelConfig, build_model
 
 GRAPH = ["model=gcn", "data=csbm", "model.n_layer=4", "model.d_model=8", "data.graph.num_vertices=200",
@@ -69,6 +70,64 @@ def test_a_missing_graph_file_is_named(tmp_path):
         load_folder(str(tmp_path), GraphConfig())
 
 
+def test_sparse_features_and_split_files_load(tmp_path):
+    path = _folder(tmp_path, features="0:1\n1:2.5\n0:0\n1:1 0:1\n")
+    for name, ids in (("train.txt", "0\n"), ("val.txt", "1\n3\n"), ("test.txt", "2\n")):
+        (tmp_path / name).write_text(ids)
+    g = load_folder(path, GraphConfig(normalize_features=True))
+    assert torch.equal(g.x, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]]))
+    assert (g.train_mask.sum(), g.val_mask.sum(), g.test_mask.sum()) == (1, 2, 1) and bool(g.val_mask[3])
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"train.txt": "0\n", "val.txt": "1\n"}, "has train.txt, val.txt but not test.txt"),
+    ({"train.txt": "0\n", "val.txt": "1\n7\n", "test.txt": "2\n"}, "val.txt line 2: expected one vertex id in 0..3"),
+    ({"train.txt": "0\nx\n", "val.txt": "1\n", "test.txt": "2\n"}, "train.txt line 2: expected one vertex id"),
+    ({"train.txt": "0\n", "val.txt": "1\n", "test.txt": "2\n0\n"}, "test.txt line 2: vertex 0 is listed twice"),
+    ({"train.txt": "# none\n", "val.txt": "1\n", "test.txt": "2\n"}, "train.txt lists no vertices"),
+])
+def test_bad_split_files_are_one_line_config_errors(tmp_path, splits, message):
+    path = _folder(tmp_path)
+    for name, text in splits.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_folder(path, GraphConfig())
+    assert message in str(err.value) and "\n" not in str(err.value) and str(err.value).startswith("data.path=")
+
+
+CORA = REPO / "../shared/data/graphs/cora"
+
+
+@pytest.mark.skipif(not CORA.is_dir(), reason="the shared Cora folder is not on this machine")
+def test_the_cora_preset_reproduces_the_public_split(tmp_path):
+    data = config.compose(["strategy=graph_parallel", "model=gcn", "data=cora"])["data"]  # the preset, unvalidated
+    g = load_folder(data["path"], GraphConfig(**data["graph"]))
+    assert (g.num_vertices, g.input_dim, g.vocab_size, g.edge_index.shape[1]) == (2708, 1433, 7, 2 * 5278)
+    assert (int(g.train_mask.sum()), int(g.val_mask.sum()), int(g.test_mask.sum())) == (140, 500, 1000)
+    assert torch.allclose(g.x.sum(1)[g.x.sum(1) > 0], torch.ones(1))  # rows normalised
+
+
+def test_a_missing_graph_folder_is_a_one_line_error_naming_both_lookups(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        config.load(["strategy=graph_parallel", "model=gcn", "data=cora", "data.path=../nowhere/cora"])
+    text = str(err.value)
+    assert text.startswith("data.path='../nowhere/cora': must be a folder") and str((REPO / "../nowhere/cora").resolve()) in text
+    assert "\n" not in text
+
+
+def test_best_validation_reports_the_test_accuracy_of_the_best_validation_epoch_and_stops_on_patience():
+    best = BestValidation(patience=2)
+    for step, val, test in ((1, 0.5, 0.4), (2, 0.7, 0.6), (3, 0.7, 0.9), (4, 0.6, 0.95)):
+        out = best.observe(step, val, test)
+        assert not best.stopped or step == 4
+    assert out == {"eval/best_val_accuracy": 0.7, "eval/test_accuracy_at_best_val": 0.6, "eval/best_val_step": 2}
+    assert best.stopped
+    again = BestValidation()
+    again.load_state_dict(best.state_dict())
+    assert again.best_step == 2 and not again.stopped  # patience 0: never stops
+
+
 @pytest.mark.parametrize("name", ["gcn", "sage", "gcnii"])
 def test_a_part_holds_exactly_the_whole_models_layers(name):
     cfg = ModelConfig(name=name, n_layer=5, d_model=8)
@@ -86,9 +145,21 @@ def test_a_part_holds_exactly_the_whole_models_layers(name):
     assert hasattr(last, "head") and not hasattr(last, "input")
 
 
+def test_metis_and_rcm_partitions_cover_every_vertex_once_and_metis_cuts_far_fewer_edges():
+    g = csbm(GraphConfig(num_vertices=2000), 4, 8, 0)
+    owner = {m: partition(g.edge_index, g.num_vertices, 4, m) for m in ("metis", "rcm")}
+    for m, o in owner.items():  # one part id per vertex, every part used, balanced
+        assert o.shape == (2000,) and o.min() == 0 and o.max() == 3
+        assert torch.bincount(o).max() <= 1.05 * 500, m
+    assert torch.equal(owner["metis"], partition(g.edge_index, g.num_vertices, 4))  # the default, deterministic
+    cut = {m: partition_stats(g.edge_index, o) for m, o in owner.items()}
+    assert cut["metis"]["edge_cut_fraction"] < 0.5 * cut["rcm"]["edge_cut_fraction"]
+    assert 0 < cut["metis"]["halo_rows"] < cut["rcm"]["halo_rows"]
+
+
 def test_partitions_are_balanced_and_subgraphs_keep_every_in_edge():
     g = csbm(GraphConfig(num_vertices=500), 4, 8, 0)
-    owner = partition(g.edge_index, g.num_vertices, 3)
+    owner = partition(g.edge_index, g.num_vertices, 3, "rcm")
     assert sorted(torch.bincount(owner).tolist()) == [166, 167, 167]
     mine = torch.nonzero(owner == 1).flatten()
     sg = subgraph(mine, g.edge_index, None, g.num_vertices, owner)
@@ -119,6 +190,8 @@ def test_gnnpipe_config_errors_are_one_line(tmp_path):
         config.load(["strategy=gnnpipe", "model=mlp", "data=csbm", root])
     with pytest.raises(ConfigError, match="strategy.name='ddp': model=gcn data=csbm trains on a whole graph"):
         config.load(["strategy=ddp", *GRAPH, root])
+    with pytest.raises(ConfigError, match=r"strategy.partitioner='kl': choose one of \['metis', 'rcm'\]"):
+        config.load(["strategy=hybrid", *GRAPH, "strategy.partitioner=kl", root])
 
 
 def test_gnnpipe_layout_builds_one_stage_per_rank_and_orders_chunks_by_a_shared_seed(tmp_path):

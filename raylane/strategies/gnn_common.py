@@ -4,7 +4,13 @@
   (data=csbm | karate | graph), checked at config validation.
 - `FullGraphDriver`: one round = one epoch on every worker; the loss of the whole graph is the sum
   of the ranks' `loss_part` (each rank holds the loss of its vertices, scaled by 1 / train vertices),
-  copied to every rank's result, so that the coordinator's average is the graph's loss.
+  copied to every rank's result, so that the coordinator's average is the graph's loss. Every
+  `best_val_every` epochs it also evaluates (the workers' `evaluate`, whose bytes are not counted
+  as training) and keeps the literature's accuracy protocol, `BestValidation`: logged as
+  `eval/best_val_accuracy`, `eval/test_accuracy_at_best_val`, `eval/best_val_step` (the last
+  epoch's accuracies are the coordinator's `eval/accuracy`, `eval/accuracy_test`). With
+  `patience` > 0, training stops (rounds do nothing) after that many evaluations without a better
+  validation accuracy.
 - `step_optimizer`: clip by the norm of the whole model's gradient (summed over the ranks that
   hold different parameters), set the lr, step.
 - `evaluation(...)`: the worker's evaluation shape from per-mask (loss sum, correct, vertices):
@@ -31,16 +37,66 @@ def check_graph_run(run_cfg: Any, strategy: str) -> None:
           f"strategy={strategy} trains on a whole graph: choose one of {list(GRAPH_DATA)}")
 
 
+class BestValidation:
+    """Test accuracy at the epoch of the best validation accuracy (ties: the earlier epoch)."""
+
+    def __init__(self, patience: int = 0):
+        self.patience, self.best_val, self.test_at_best, self.best_step, self.since = patience, -1.0, 0.0, 0, 0
+
+    def observe(self, step: int, val_accuracy: float, test_accuracy: float) -> dict[str, float]:
+        if val_accuracy > self.best_val:
+            self.best_val, self.test_at_best, self.best_step, self.since = val_accuracy, test_accuracy, step, 0
+        else:
+            self.since += 1
+        return {"eval/best_val_accuracy": self.best_val, "eval/test_accuracy_at_best_val": self.test_at_best,
+                "eval/best_val_step": self.best_step}
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("best_val", "test_at_best", "best_step", "since")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def accuracies(parts: list[dict]) -> tuple[float, float]:
+    """(validation, test) accuracy of the whole graph from every rank's `evaluate`."""
+    def acc(key: str) -> float:
+        return sum(p[key][0] for p in parts) / max(1, sum(p[key][1] for p in parts))
+    return acc("model/accuracy"), acc("test/accuracy")
+
+
 class FullGraphDriver(DriverStrategy):
-    """Every worker trains one epoch; the graph's loss (sum of `loss_part`) goes to every result."""
+    """Every worker trains one epoch; the graph's loss (sum of `loss_part`) goes to every result;
+    every `best_val_every` epochs an evaluation updates the best-validation record (rank 0's result)."""
+
+    def __init__(self, cfg: Any, world_size: int):
+        super().__init__(cfg, world_size)
+        self.best = BestValidation(getattr(cfg, "patience", 0))
 
     def run_round(self, workers: WorkerCalls, step: int, sample_offset: int, lr: float) -> list[dict]:
+        if self.best.stopped:
+            return []  # early stopping: the remaining steps do nothing
         results = workers.get(workers.call("train_step", sample_offset, lr))
         total = sum(r.pop("loss_part") for r in results)
         for r in results:
             r["loss"] = total
         self.summarise(results)
+        every = getattr(self.cfg, "best_val_every", 0)
+        if every and step % every == 0:
+            parts = workers.get(workers.call("evaluate", len(results)))
+            results[0].update(self.best.observe(step, *accuracies(parts)))
         return results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best.load_state_dict(state.get("best", {}))
 
     def summarise(self, results: list[dict]) -> None:
         """Strategy metrics across ranks, into rank 0's result (the coordinator logs its `/` keys)."""

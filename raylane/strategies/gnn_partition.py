@@ -1,10 +1,11 @@
 """Vertex partitions and the subgraphs full-graph GNN strategies compute on.
 
-`partition(edge_index, n, parts)`: no METIS-like partitioner installs without compiled extras
-(PyG's `ClusterData` needs torch-sparse/pyg-lib with METIS), so the heuristic is bandwidth
-reduction: scipy's reverse Cuthill-McKee order (a BFS order, low degree first, that keeps
-neighbours at nearby positions) cut into `parts` contiguous blocks of equal size. Neighbours
-thus tend to share a block; deterministic for a given graph.
+`partition(edge_index, n, parts, method)`: `metis` (default) cuts the graph with METIS (pymetis,
+k-way, minimising the edge cut; seeded, so deterministic), `rcm` is the fallback without METIS:
+scipy's reverse Cuthill-McKee order cut into `parts` contiguous blocks of equal size (on a
+near-expander it cuts almost as many edges as a random split). `partition_stats` gives the
+fraction of (undirected) edges cut and the halo rows (sources outside a part that its in-edges
+read), which the strategies report as run metrics.
 
 `Subgraph(vertices, ...)`: what one layer needs to compute `vertices` (the destinations): their
 in-edges, with sources renumbered into a table whose first rows are the destinations themselves
@@ -19,11 +20,42 @@ import numpy as np
 import torch
 
 
-def partition(edge_index: torch.Tensor, num_nodes: int, parts: int) -> torch.Tensor:
-    """Part id (0..parts-1) of every vertex: equal contiguous blocks of the RCM order."""
+PARTITIONERS = ("metis", "rcm")
+
+
+def partition(edge_index: torch.Tensor, num_nodes: int, parts: int, method: str = "metis") -> torch.Tensor:
+    """Part id (0..parts-1) of every vertex: METIS k-way parts, or equal contiguous blocks of the RCM order."""
     if parts == 1:
         return torch.zeros(num_nodes, dtype=torch.long)
-    return locality_rank(edge_index, num_nodes) * parts // num_nodes
+    if method == "rcm":
+        return locality_rank(edge_index, num_nodes) * parts // num_nodes
+    assert method == "metis", method
+    return _metis(edge_index, num_nodes, parts)
+
+
+def _metis(edge_index: torch.Tensor, num_nodes: int, parts: int) -> torch.Tensor:
+    import pymetis
+
+    ei = edge_index[:, edge_index[0] != edge_index[1]]
+    order = torch.argsort(ei[0] * num_nodes + ei[1])
+    src, dst = ei[0, order], ei[1, order]
+    xadj = torch.zeros(num_nodes + 1, dtype=torch.long)
+    xadj[1:] = torch.cumsum(torch.bincount(src, minlength=num_nodes), 0)
+    adjacency = pymetis.CSRAdjacency(xadj.numpy(), dst.numpy())
+    _, membership = pymetis.part_graph(parts, adjacency, options=pymetis.Options(seed=0))
+    owner = torch.tensor(membership, dtype=torch.long)
+    assert len(owner) == num_nodes and int(owner.max()) < parts
+    return owner
+
+
+def partition_stats(edge_index: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
+    """`edge_cut_fraction`: edges whose ends lie in different parts; `halo_rows`: sum over parts of
+    the distinct outside sources its in-edges read (the rows a graph-parallel layer exchanges)."""
+    ei = edge_index[:, edge_index[0] != edge_index[1]]
+    cut = owner[ei[0]] != owner[ei[1]]
+    n = len(owner)
+    halo = torch.unique(owner[ei[1, cut]] * n + ei[0, cut])
+    return {"edge_cut_fraction": float(cut.float().mean()) if ei.shape[1] else 0.0, "halo_rows": len(halo)}
 
 
 def split_blocks(vertices: torch.Tensor, owner_order: torch.Tensor, blocks: int) -> list[torch.Tensor]:

@@ -4,16 +4,24 @@ S = num_workers / D stages, each holding a run of consecutive layers (`Layout.pa
 builds `{"layers": [a_s, b_s]}`; the first also the input projection, the last the classifier)
 and computing them for the whole graph; the graph's vertices are cut into `chunks` dependent
 chunks that flow through the stages (gnn_engine.py). One coordinator step = one epoch = one
-optimizer step. Hybrid (`data_parallel` = D > 1): the graph is partitioned into D parts; ranks
-s*D .. s*D+D-1 hold stage s for parts 0..D-1 (one state key per stage, a `stage` group each),
-sum their gradients, and refresh each other's halo rows in the historical tables once per epoch.
+optimizer step. Hybrid (`data_parallel` = D > 1): the graph is partitioned into D parts
+(`partitioner`: METIS, or RCM blocks); ranks s*D .. s*D+D-1 hold stage s for parts 0..D-1 (one
+state key per stage, a `stage` group each) and sum their gradients. The ways of a stage cut
+their parts into the same number of chunks and run them in the same order; per chunk and per
+layer they exchange the halo rows they read from each other and, in the backward pass, those
+rows' gradients (gnn_hybrid.py), so a way's tables hold its own rows only and, with one chunk,
+the gradient is the whole-graph model's. Stale-row convention (as for a way's own rows): a row
+of a chunk not yet computed this epoch is last epoch's value; its gradient is dropped, or with
+`stale_gradients` applied in the next epoch.
 
-Training techniques: `shuffle_chunks` (the chunk order is reshuffled every epoch from a seed
-all stages share, so no chunk always reads the oldest history), `warmup_epochs` (the first
-epochs run as one chunk: no staleness while the embeddings move fastest), `stale_gradients`
-(the gradient a historical row receives is applied to its chunk in the next epoch, as PipeGCN
-does, instead of being dropped; with fixed parameters the gradients then converge to the exact
-ones; it helped GCNII and hurt residual GCN in our runs, so it is off by default). Layers are split
+Training techniques (each an option; what it fixes): `shuffle_chunks` (the chunk order is
+reshuffled every epoch from a seed all stages share, so no chunk always reads the oldest
+history: spreads the staleness bias over the vertices), `warmup_epochs` (the first epochs run
+as one chunk: no staleness while the embeddings move fastest, when history is most wrong),
+`stale_gradients` (the gradient a historical row receives is applied to its chunk in the next
+epoch, as PipeGCN does, instead of being dropped: removes the gradient's bias once the
+parameters settle; it helped GCNII and hurt residual GCN in our runs, so it is off by default).
+Run metrics: `graph/edge_cut_fraction` and `graph/halo_rows` of the D-way partition. Layers are split
 into stages by a cost model (`stage_layers` overrides it): conv layers cost 1, the input
 projection input_dim / width / 2 (one dense layer, no aggregation), the classifier nothing.
 
@@ -32,8 +40,9 @@ import torch
 from raylane.strategies import gnn_common as common
 from raylane.strategies.base import Layout, WorkerContext, WorkerStrategy, register
 from raylane.strategies.gnn_engine import Peers, StageEngine
-from raylane.strategies.gnn_partition import locality_rank, partition, split_blocks, subgraph
-from raylane.validation import check
+from raylane.strategies.gnn_hybrid import Exchange, WayPlan
+from raylane.strategies.gnn_partition import PARTITIONERS, locality_rank, partition, partition_stats, split_blocks
+from raylane.validation import check, one_of
 
 
 @dataclass
@@ -45,8 +54,14 @@ class GnnPipeConfig:
     warmup_epochs: int = 0             # the first epochs as one chunk (no historical embeddings)
     stale_gradients: bool = False      # historical rows' gradients reach their chunks in the next epoch
     stage_layers: list[int] | None = None  # layers per stage (null: the cost model fills it in at validation)
+    partitioner: str = "metis"         # the hybrid's D parts: metis | rcm (reverse Cuthill-McKee blocks)
+    best_val_every: int = 1            # evaluate every N epochs for test accuracy at the best validation (0: off)
+    patience: int = 0                  # stop after N evaluations without a better validation accuracy (0: never)
 
     def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.partitioner", self.partitioner, PARTITIONERS)
+        check(self.best_val_every >= 0, f"{prefix}.best_val_every", self.best_val_every, "must be >= 0")
+        check(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
         check(self.chunks >= 1, f"{prefix}.chunks", self.chunks, "must be >= 1")
         check(self.data_parallel >= 1, f"{prefix}.data_parallel", self.data_parallel, "must be >= 1")
         check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", self.warmup_epochs, "must be >= 0")
@@ -120,44 +135,42 @@ class GnnPipeWorker(WorkerStrategy):
         g, d = ctx.data, cfg.data_parallel
         self.stage, self.way = divmod(ctx.rank, d)
         self.stages = ctx.world_size // d
-        owner = partition(g.edge_index, g.num_vertices, d)
-        mine = torch.nonzero(owner == self.way).flatten()
+        self.owner = partition(g.edge_index, g.num_vertices, d, cfg.partitioner)
+        self.partition_metrics = {f"graph/{k}": v for k, v in partition_stats(g.edge_index, self.owner).items()}
+        parts = [torch.nonzero(self.owner == q).flatten() for q in range(d)]
         order = locality_rank(g.edge_index, g.num_vertices)
-        peers = Peers(prev=ctx.rank - d if self.stage > 0 else None,
-                      next=ctx.rank + d if self.stage < self.stages - 1 else None)
-        exchange = self._exchange if d > 1 else None
-        if d > 1:
-            self._plan_exchange(g, owner)
-        scale = 1.0 / max(1, int(g.train_mask.sum()))
-        make = lambda chunks: StageEngine(ctx.model, g, ctx.comm, peers, chunks, owner, self.way, scale,  # noqa: E731
-                                          exchange, cfg.stale_gradients)
-        self.engine = make(split_blocks(mine, order, min(cfg.chunks, len(mine))))
-        self.warm = make([mine]) if cfg.warmup_epochs > 0 else None
+        chunks = min(cfg.chunks, *(len(p) for p in parts))  # every way the same count: they run in step
+        self.peers = Peers(prev=ctx.rank - d if self.stage > 0 else None,
+                           next=ctx.rank + d if self.stage < self.stages - 1 else None)
+        self.scale = 1.0 / max(1, int(g.train_mask.sum()))
+        self.engine = self._engine([split_blocks(p, order, chunks) for p in parts])
+        self.whole = [[p] for p in parts]  # one chunk per way: warmup epochs and inference
+        self.warm = self._engine(self.whole) if cfg.warmup_epochs > 0 else None
         if self.warm is not None:  # one history for both
             self.warm.tables, self.warm.stamps = self.engine.tables, self.engine.stamps
         self.epoch = 0
 
-    # -- hybrid: halo rows of the other ways --------------------------------------------------
-    def _plan_exchange(self, g: Any, owner: torch.Tensor) -> None:
-        d = self.cfg.data_parallel
-        halos = [subgraph(torch.nonzero(owner == q).flatten(), g.edge_index, None, g.num_vertices, owner).halo
-                 for q in range(d)]
-        self.send_ids = [halos[q][owner[halos[q]] == self.way] if q != self.way else halos[q][:0] for q in range(d)]
-        self.recv_ids = [halos[self.way][owner[halos[self.way]] == q] for q in range(d)]
-
-    def _exchange(self, k: int, table: torch.Tensor) -> None:
-        comm = self.ctx.comms["stage"]
-        chunks = [table[ids] for ids in self.send_ids]
-        got = comm.alltoall(chunks, [torch.Size((len(ids), table.shape[1])) for ids in self.recv_ids])
-        for ids, rows in zip(self.recv_ids, got):  # recv_ids[way] is empty: a part's halo is outside it
-            if len(ids):
-                table[ids] = rows
+    def _engine(self, ways_chunks: list[list[torch.Tensor]]) -> StageEngine:
+        """A stage engine over this way's chunks (`ways_chunks[way]`); the hybrid's exchange plan
+        needs every way's chunks."""
+        g, ctx = self.ctx.data, self.ctx
+        exchange = None
+        if self.cfg.data_parallel > 1:
+            ei, _ = ctx.model.prepare_edges(g.edge_index, g.num_vertices)
+            own = torch.sort(torch.cat(ways_chunks[self.way])).values
+            plan = WayPlan(self.way, ways_chunks, ei, g.num_vertices, self.owner,
+                           lambda ids: torch.searchsorted(own, ids))
+            exchange = Exchange(plan, ctx.comms["stage"])
+        return StageEngine(ctx.model, g, ctx.comm, self.peers, ways_chunks[self.way], self.owner, self.way,
+                           self.scale, exchange, self.cfg.stale_gradients)
 
     def set_comm(self, comm: Any) -> None:
         super().set_comm(comm)
-        for engine in (self.engine, self.warm):  # the re-formed group (after a fault)
+        for engine in (self.engine, self.warm):  # the re-formed groups (after a fault)
             if engine is not None:
                 engine.comm = comm
+                if engine.exchange is not None:
+                    engine.exchange.comm = self.ctx.comms["stage"]
 
     # -- one epoch ----------------------------------------------------------------------------
     def make_batch(self, sample_offset: int) -> None:
@@ -183,10 +196,11 @@ class GnnPipeWorker(WorkerStrategy):
         return {"loss": res["loss"], "loss_part": res["loss"], "samples": train, "tokens": train,
                 "grad_norm": norm, "stage": self.stage, "fwd_bytes": engine.sent["next"] - sent["next"],
                 "bwd_bytes": engine.sent["prev"] - sent["prev"], "stale_reads": res["stale_reads"],
-                "staleness_epochs": res["staleness_epochs"]}
+                "staleness_epochs": res["staleness_epochs"], **self.partition_metrics}
 
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
-        return common.evaluation(self.engine.infer(common.masks(self.ctx.data)))
+        """Exact inference: the part as one chunk, through the pipeline (an engine of its own)."""
+        return common.evaluation(self._engine(self.whole).infer(common.masks(self.ctx.data)))
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

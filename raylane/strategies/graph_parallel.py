@@ -1,6 +1,7 @@
 """graph_parallel: full-graph GNN training by graph partition (the baseline gnnpipe is measured against).
 
-The vertices are cut into W parts (gnn_partition.partition); every rank holds the whole model
+The vertices are cut into W parts (gnn_partition.partition: METIS, or `partitioner: rcm` blocks;
+run metrics `graph/edge_cut_fraction`, `graph/halo_rows`); every rank holds the whole model
 and computes every layer for its part. Before each layer after the first, a rank sends the rows
 of its vertices that other parts' in-edges read (their halo) with one alltoall, and the backward
 pass sends the halo rows' gradients back to their owners (`HaloExchange`, an autograd function).
@@ -23,12 +24,21 @@ import torch.nn.functional as F
 
 from raylane.strategies import gnn_common as common
 from raylane.strategies.base import WorkerContext, WorkerStrategy, register
-from raylane.strategies.gnn_partition import partition, subgraph
+from raylane.strategies.gnn_partition import PARTITIONERS, partition, partition_stats, subgraph
+from raylane.validation import check, one_of
 
 
 @dataclass
 class GraphParallelConfig:
     name: str = "graph_parallel"
+    partitioner: str = "metis"  # metis | rcm (reverse Cuthill-McKee blocks)
+    best_val_every: int = 1            # evaluate every N epochs for test accuracy at the best validation (0: off)
+    patience: int = 0                  # stop after N evaluations without a better validation accuracy (0: never)
+
+    def validate(self, prefix: str) -> None:
+        one_of(f"{prefix}.partitioner", self.partitioner, PARTITIONERS)
+        check(self.best_val_every >= 0, f"{prefix}.best_val_every", self.best_val_every, "must be >= 0")
+        check(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
 
     def check_run(self, run: Any) -> None:
         common.check_graph_run(run, "graph_parallel")
@@ -94,7 +104,8 @@ class GraphParallelWorker(WorkerStrategy):
         g, model = self.ctx.data, self.ctx.model
         self.world = world
         ei, w = model.prepare_edges(g.edge_index, g.num_vertices)
-        owner = partition(g.edge_index, g.num_vertices, world)
+        owner = partition(g.edge_index, g.num_vertices, world, self.cfg.partitioner)
+        self.partition_metrics = {f"graph/{k}": v for k, v in partition_stats(g.edge_index, owner).items()}
         parts = [torch.nonzero(owner == q).flatten() for q in range(world)]
         subs = [subgraph(p, ei, w, g.num_vertices, owner) for p in parts]
         self.sg = subs[self.ctx.rank]
@@ -130,7 +141,7 @@ class GraphParallelWorker(WorkerStrategy):
         norm = common.step_optimizer(ctx, lr)
         train = int(mask.sum())
         return {"loss": loss.item(), "loss_part": loss.item(), "samples": train, "tokens": train, "grad_norm": norm,
-                "halo_rows": self.plan.rows_sent()}
+                "halo_rows": self.plan.rows_sent(), **self.partition_metrics}
 
     def evaluate(self, num_shards: int) -> dict[str, tuple[float, int]]:
         g = self.ctx.data

@@ -64,7 +64,9 @@ class GNNStage(nn.Module):
         return gcn_norm(edge_index, None, num_nodes, add_self_loops=True)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Input projection (first part only)."""
+        """Input projection (first part only); dropout on the features and on the projection, as the
+        GCN and GCNII papers drop the input."""
+        x = F.dropout(x, self.dropout, self.training)
         return F.dropout(F.relu(self.input(x)), self.dropout, self.training)
 
     def conv(self, j: int, x_src: torch.Tensor, x0_dst: torch.Tensor | None, edge_index: torch.Tensor,

@@ -8,11 +8,16 @@ Three sources, all giving a `Graph` (the worker's `ctx.data`):
 - `karate`: Zachary's karate club as PyTorch Geometric ships it (inline in the package; nothing is
   downloaded): 34 vertices, 4 classes, its 4 labelled training vertices.
 - `graph`: a folder at `data.path` with `edges.txt` (one `u v` pair per line, 0-based ids, `#` comments),
-  `features.txt` (one row of floats per vertex) and `labels.txt` (one integer per vertex). A malformed
-  file is a one-line ConfigError naming the file and line.
+  `features.txt` (one row per vertex: dense, every value, or sparse, `index:value` pairs of the nonzero
+  entries, width 1 + the largest index; an all-zero row writes `0:0`) and `labels.txt` (one integer per vertex); optional split files
+  `train.txt`, `val.txt`, `test.txt` (one vertex id per line: all three or none; disjoint) fix the split,
+  e.g. a public split such as Planetoid's. A relative `data.path` is looked up from the working directory,
+  then from the repository (the `cora` preset: ../shared/data/graphs/cora). A malformed file is a
+  one-line ConfigError naming the file and line.
 
-Edges are made undirected, without self loops, coalesced. Train/val/test masks split the vertices
-with a fixed permutation (seed `graph.split_seed`), except karate's training vertices.
+Edges are made undirected, without self loops, coalesced. Without split files, train/val/test masks
+split the vertices with a fixed permutation (seed `graph.split_seed`), except karate's training
+vertices. `graph.normalize_features` divides each feature row by its sum (as the GCN paper does).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class GraphConfig:
     train_fraction: float = 0.5
     val_fraction: float = 0.25         # the rest is the test split
     split_seed: int = 1234             # the split is fixed across runs
+    normalize_features: bool = False   # rows divided by their sum (bag-of-words features, e.g. Cora)
 
     def validate(self, prefix: str) -> None:
         check(self.num_vertices >= 4, f"{prefix}.num_vertices", self.num_vertices, "must be >= 4")
@@ -131,47 +137,116 @@ def _lines(path: Path, key: str):
             yield i, line.replace(",", " ").split()
 
 
-def load_folder(path: str, cfg: GraphConfig, key: str = "data.path") -> Graph:
-    """The graph in folder `path` (see the module docstring); ConfigError on a malformed file."""
+REPO = Path(__file__).resolve().parents[2]
+
+
+def resolve_folder(path: str, key: str = "data.path") -> Path:
+    """`path` as given if it exists, else (relative) from the repository root; a one-line error if absent."""
     folder = Path(path)
-    check(folder.is_dir(), key, path, "must be a folder with edges.txt, features.txt and labels.txt")
+    if not folder.is_dir() and not folder.is_absolute() and (REPO / folder).is_dir():
+        folder = REPO / folder
+    where = f" (also looked up as {(REPO / path).resolve()})" if not Path(path).is_absolute() else ""
+    check(folder.is_dir(), key, path, f"must be a folder with edges.txt, features.txt and labels.txt; not found{where}")
+    return folder
 
-    def bad(name: str, line: int, what: str) -> ConfigError:
-        return ConfigError(f"{key}={path!r}: {name} line {line}: {what}")
 
+def _bad(key: str, path: str, name: str, line: int, what: str) -> ConfigError:
+    return ConfigError(f"{key}={path!r}: {name} line {line}: {what}")
+
+
+def _labels(folder: Path, key: str, path: str) -> list[int]:
     labels = []
     for i, parts in _lines(folder / "labels.txt", key):
         if len(parts) != 1 or not parts[0].isdigit():
-            raise bad("labels.txt", i, f"expected one class id (an integer >= 0), got {' '.join(parts)!r}")
+            raise _bad(key, path, "labels.txt", i, f"expected one class id (an integer >= 0), got {' '.join(parts)!r}")
         labels.append(int(parts[0]))
-    n = len(labels)
-    check(n >= 2, key, path, f"labels.txt holds {n} labels; a graph needs at least 2 vertices")
-    rows, width = [], None
+    return labels
+
+
+def _features(folder: Path, key: str, path: str, n: int) -> torch.Tensor:
+    """Dense rows (every value) or sparse rows (`index:value` pairs); one row per vertex."""
+    rows, width, sparse = [], None, None
     for i, parts in _lines(folder / "features.txt", key):
+        is_sparse = bool(parts) and ":" in parts[0]
+        if sparse is not None and is_sparse != sparse:
+            raise _bad(key, path, "features.txt", i, "mixes sparse (index:value) and dense rows")
+        sparse = is_sparse
         try:
-            row = [float(v) for v in parts]
+            row = [(int(a), float(b)) for a, b in (p.split(":", 1) for p in parts)] if sparse else \
+                [float(v) for v in parts]
         except ValueError:
-            raise bad("features.txt", i, f"expected numbers, got {' '.join(parts)[:60]!r}") from None
-        if width is not None and len(row) != width:
-            raise bad("features.txt", i, f"{len(row)} features, but earlier rows have {width}")
-        width = len(row)
+            raise _bad(key, path, "features.txt", i, f"expected numbers, got {' '.join(parts)[:60]!r}") from None
+        if sparse and any(j < 0 for j, _ in row):
+            raise _bad(key, path, "features.txt", i, "negative feature index")
+        if not sparse and width is not None and len(row) != width:
+            raise _bad(key, path, "features.txt", i, f"{len(row)} features, but earlier rows have {width}")
+        width = len(row) if not sparse else width
         rows.append(row)
     check(len(rows) == n, key, path, f"features.txt has {len(rows)} rows but labels.txt has {n} labels")
+    if not sparse:
+        return torch.tensor(rows)
+    dim = 1 + max((j for row in rows for j, _ in row), default=0)
+    x = torch.zeros(n, dim)
+    for v, row in enumerate(rows):
+        for j, val in row:
+            x[v, j] = val
+    return x
+
+
+def _edges(folder: Path, key: str, path: str, n: int) -> torch.Tensor:
     edges = []
     for i, parts in _lines(folder / "edges.txt", key):
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise bad("edges.txt", i, f"expected two vertex ids (integers >= 0), got {' '.join(parts)!r}")
+            raise _bad(key, path, "edges.txt", i, f"expected two vertex ids (integers >= 0), got {' '.join(parts)!r}")
         u, v = int(parts[0]), int(parts[1])
         if u >= n or v >= n:
-            raise bad("edges.txt", i, f"vertex id {max(u, v)} out of range; labels.txt has {n} vertices "
-                                      f"(ids 0..{n - 1})")
+            raise _bad(key, path, "edges.txt", i, f"vertex id {max(u, v)} out of range; labels.txt has {n} vertices "
+                                                  f"(ids 0..{n - 1})")
         edges.append((u, v))
     check(len(edges) > 0, key, path, "edges.txt has no edges")
+    return torch.tensor(edges).t()
+
+
+SPLITS = ("train.txt", "val.txt", "test.txt")
+
+
+def split_files(folder: Path, key: str, path: str, n: int) -> tuple[torch.Tensor, ...] | None:
+    """Masks from train.txt / val.txt / test.txt (all three or none), disjoint, ids in range."""
+    present = [name for name in SPLITS if (folder / name).exists()]
+    if not present:
+        return None
+    check(len(present) == 3, key, path, f"has {', '.join(present)} but not "
+          f"{', '.join(s for s in SPLITS if s not in present)}: split files come as all three or none")
+    masks, seen = [], torch.zeros(n, dtype=torch.bool)
+    for name in SPLITS:
+        mask = torch.zeros(n, dtype=torch.bool)
+        for i, parts in _lines(folder / name, key):
+            if len(parts) != 1 or not parts[0].isdigit() or int(parts[0]) >= n:
+                raise _bad(key, path, name, i, f"expected one vertex id in 0..{n - 1}, got {' '.join(parts)!r}")
+            v = int(parts[0])
+            if seen[v]:
+                raise _bad(key, path, name, i, f"vertex {v} is listed twice (splits must be disjoint)")
+            seen[v] = mask[v] = True
+        check(bool(mask.any()), key, path, f"{name} lists no vertices")
+        masks.append(mask)
+    return tuple(masks)
+
+
+def load_folder(path: str, cfg: GraphConfig, key: str = "data.path") -> Graph:
+    """The graph in folder `path` (see the module docstring); ConfigError on a malformed file."""
+    folder = resolve_folder(path, key)
+    labels = _labels(folder, key, path)
+    n = len(labels)
+    check(n >= 2, key, path, f"labels.txt holds {n} labels; a graph needs at least 2 vertices")
+    x = _features(folder, key, path, n)
+    edges = _edges(folder, key, path, n)
     y = torch.tensor(labels)
     num_classes = int(y.max()) + 1
     check(num_classes >= 2, key, path, "labels.txt must hold at least 2 classes")
-    masks = split_masks(n, cfg.train_fraction, cfg.val_fraction, cfg.split_seed)
-    return Graph(torch.tensor(rows), y, torch.tensor(edges).t(), num_classes, masks)
+    masks = split_files(folder, key, path, n) or split_masks(n, cfg.train_fraction, cfg.val_fraction, cfg.split_seed)
+    if cfg.normalize_features:
+        x = x / x.sum(1, keepdim=True).clamp(min=1e-12)
+    return Graph(x, y, edges, num_classes, masks)
 
 
 def build_graph(name: str, cfg: GraphConfig, path: str | None, num_classes: int, input_dim: int,
