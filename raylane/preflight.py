@@ -60,17 +60,17 @@ def check_run_parent(run: Any) -> None:
     key, value = ("run.dir", run.dir) if run.dir else ("run.root", run.root)
     target = run.path().parent
     there = _nearest_existing(target)
-    fs = pseudo_filesystem(there)
-    require(fs is None, key, value, f"{there} is on a {fs} pseudo-filesystem (kernel state, not storage: even root "
-                                    "cannot keep a run there); choose a folder on a disk")
     if there == target:
         require(there.is_dir(), key, value, f"{there} exists and is a file, not a folder")
         require(os.access(there, os.W_OK | os.X_OK), key, value,
                 f"{there} is not writable by this user; choose a folder you can write to")
-        return
-    require(there.is_dir(), key, value, f"{target} cannot be created: {there} is a file, not a folder")
-    require(os.access(there, os.W_OK | os.X_OK), key, value,
-            f"{target} cannot be created: {there} is not writable by this user; choose a folder you can write to")
+    else:
+        require(there.is_dir(), key, value, f"{target} cannot be created: {there} is a file, not a folder")
+        require(os.access(there, os.W_OK | os.X_OK), key, value,
+                f"{target} cannot be created: {there} is not writable by this user; choose a folder you can write to")
+    fs = pseudo_filesystem(there)  # looks writable (to root), holds no files
+    require(fs is None, key, value, f"{there} is on a {fs} pseudo-filesystem (kernel state, not storage: even root "
+                                    "cannot keep a run there); choose a folder on a disk")
 
 
 PSEUDO_FS = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
