@@ -72,7 +72,7 @@ MEM_SYSTEMS = {"torch": [], "zero0": [*DS, "strategy.zero_stage=0"], "zero3": ZE
                                                    "{reduce_bucket_size:1000000}}"]}
 MEM_SYSTEMS = {k: v for k, v in MEM_SYSTEMS.items() if v is not None}  # (ZeRO-0 takes no bf16: ds_config)
 MEM_D = {"full": 512, "quick": 32}
-SWEEP_D = {"full": [512, 640, 768, 896], "quick": [32, 48]}
+SWEEP_D = {"full": [384, 512, 640, 768, 896, 1024], "quick": [32, 48]}
 CAP_MB = {"full": 200.0, "quick": 400.0}
 
 
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--part", choices=("all", "traffic", "memory"), default="all",
                     help="run one part; the other part's rows are kept from the last results file")
     args = ap.parse_args(argv)
+    # every tensor of 64 KiB or more in its own mapping, returned when freed (glibc otherwise raises its mmap
+    # threshold after the first big free and keeps freed heap): the rank processes' RSS tracks live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     steps, reps, size = (H, 1, "quick") if args.quick else (2 * H, 3, "full")
     name = "replicas_quick" if args.quick else "replicas"
     load_before = os.getloadavg()
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> Path:
              "interleaved repetitions; param_and_optimizer_bytes = the parameters a rank holds between steps "
              "(ZeRO-3: its partitions) + DeepSpeed's fp32 master partition + the optimizer state, from the live "
              "tensors; peak_growth_mb = growth of the process's peak RSS from just before the model is built "
-             "(DeepSpeed imported) to the end of training. Sweep rows: 2 steps at each width, once each; cap "
+             "(DeepSpeed imported) to the end of training, with MALLOC_MMAP_THRESHOLD_=65536 so that freed "
+             "tensors leave the RSS. Sweep rows: 2 steps at each width, once each; cap "
              f"{CAP_MB[size]:g} MB of peak RSS growth per rank." + kept_note)
     claims = (claims_for(traffic) if traffic else []) + (memory_claims(memory, CAP_MB[size]) if memory else [])
     return write(name, traffic + memory, claims, notes)
