@@ -90,7 +90,12 @@ def join_default_group(store: StoreAddress, replica: int, rank: int, size: int) 
 def build_partitioned(cfg: Any, build: Any, store: StoreAddress, rank: int) -> torch.nn.Module:
     """ZeRO-3: `build()` inside `deepspeed.zero.Init` over this rank's replica (joined here first), so
     each module's parameters are partitioned as soon as it is built (initialisers that run through
-    `Module.apply` see them gathered). The same seed gives the same model as a plain build."""
+    `Module.apply` see them gathered). The same seed gives the same model as a plain build. Only at the
+    run's first group generation, where every rank builds; a later replacement builds it plainly."""
+    if store.generation > 0:
+        # a replacement joining live replica-mates, which do not build with it (zero.Init broadcasts and
+        # gathers per module): it builds the plain model once, and its engine partitions it
+        return build()
     r = cfg.ranks_per_replica
     device = torch.device("cuda", 0) if torch.cuda.is_available() and store.backend == "nccl" else torch.device("cpu")
     ds = _import_deepspeed(device)
