@@ -52,8 +52,8 @@ CSBM_SYSTEMS = {"graph_parallel": ["strategy=graph_parallel", "cluster.num_worke
                 "gnnpipe_s2": ["strategy=gnnpipe", "cluster.num_workers=2", "strategy.chunks=4"]}
 OPTIM = ["optim.grad_clip=0", "optim.beta2=0.999", "optim.schedule=constant"]
 PARTS = {  # model / data / optimizer, epochs, eval every, lr, seeds
-    "cora-gcn": (["model=gcn", "model.n_layer=2", "model.gnn_residual=false", "model.d_model=64",
-                  "model.dropout=0.5", "optim.weight_decay=0.05", "data=cora"], 100, 1, 0.01, 5),
+    "cora-gcn": (["model=gcn", "model.n_layer=2", "model.gnn_residual=false", "model.d_model=256",
+                  "model.dropout=0.7", "optim.weight_decay=0.05", "data=cora"], 100, 1, 0.01, 5),
     "cora-gcnii": (["model=gcnii", "model.n_layer=16", "model.d_model=64", "model.dropout=0.6",
                     "optim.weight_decay=0.01", "data=cora"], 100, 5, 0.01, 5),
     "csbm-8": (["model=gcn", "model.n_layer=8", "model.d_model=32", "optim.weight_decay=0", "data=csbm",
@@ -203,7 +203,7 @@ def _merge(old: dict, part: str, new: dict[str, dict[int, dict]]) -> dict:
 
 def _save(args: argparse.Namespace, part: str, results: dict, load_before: tuple, epochs: int, eval_every: int,
           lr: float, seeds: int) -> None:
-    """Store this invocation's runs so far (after every seed: a killed invocation keeps its seeds)."""
+    """Store this invocation's runs so far."""
     name = "gnn_quick" if args.quick else "gnn"
     old = _stored(name)
     runs = _merge(old, part, results)
@@ -253,8 +253,8 @@ def main() -> None:
                     res = _measure(run_workers(cfg, epochs, lr=lr, timeout_s=1800, eval_every=eval_every))
                 results[system][seed] = res
                 print(part, system, seed, {k: v for k, v in res.items() if not k.startswith("gnnpipe/")}, flush=True)
-            done = seed + 1 - args.first_seed
-            _save(args, part, {k: v for k, v in results.items() if v}, load_before, epochs, eval_every, lr, done)
+                done = seed + 1 - args.first_seed  # stored after every run: a killed invocation keeps its runs
+                _save(args, part, {k: v for k, v in results.items() if v}, load_before, epochs, eval_every, lr, done)
 
 
 if __name__ == "__main__":
