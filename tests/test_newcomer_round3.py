@@ -142,7 +142,7 @@ def test_summary_sections_come_from_the_logged_metrics_and_survive_a_checkpoint(
     restored.load_state_dict(s.state_dict())
     rows = dict(summary_sections.section_rows(restored.metric_totals))
     assert rows["stragglers"].startswith("6 stragglers in 3 rounds") and "1 violation(s)" in rows["stragglers"]
-    assert rows["attacks"].startswith("3 Byzantine rows in 3 steps") and "3 dropped" in rows["attacks"]
+    assert rows["attacks"].startswith("3 Byzantine rows in 3 steps") and "3 non-finite rows dropped" in rows["attacks"]
     assert rows["accuracy"] == "final 0.8000 (best 0.8000)"
     assert "3.00x fewer bytes" in rows["plan"] and "3.00 MiB" in rows["replicas"]
     assert rows["faults"].startswith("stragglers: 3 delayed worker-steps in 3 steps, 0.8 s injected")

@@ -65,10 +65,8 @@ def _robust(t: dict[str, list[float]]) -> str | None:
     if "robust/byzantine_rows" not in t:
         return None
     parts = [f"{int(t['robust/byzantine_rows'][SUM])} Byzantine rows in {int(t['robust/byzantine_rows'][N])} steps"]
-    for key, words in (("robust/nonfinite_rows", "non-finite"), ("robust/suspected_rows", "suspected"),
-                       ("robust/dropped_rows", "dropped")):
-        if key in t:
-            parts.append(f"{int(t[key][SUM])} {words}")
+    if "robust/dropped_rows" in t:
+        parts.append(f"{int(t['robust/dropped_rows'][SUM])} non-finite rows dropped (suspected Byzantine)")
     if "robust/cos_to_honest_mean" in t:
         parts.append(f"last aggregate's cosine to the honest mean {t['robust/cos_to_honest_mean'][LAST]:.3f}")
     return ", ".join(parts)
@@ -107,8 +105,6 @@ def _lgreco(t: dict[str, list[float]]) -> str | None:
     if "lgreco/bytes_chosen" in t and "lgreco/bytes_default" in t and t["lgreco/bytes_chosen"][LAST]:
         parts.append(f"{t['lgreco/bytes_default'][LAST] / t['lgreco/bytes_chosen'][LAST]:.2f}x fewer bytes than "
                      f"the default level, {int(t['lgreco/bytes_chosen'][N])} plan(s)")
-    if "lgreco/plan_bytes" in t:
-        parts.append(f"plan exchange {_bytes(t['lgreco/plan_bytes'][SUM])}")
     return ", ".join(parts) or None
 
 
