@@ -245,7 +245,8 @@ def applicable(rule: str, f: int) -> bool:
     from raylane.strategies.aggregators import registry
 
     name = "flag" if rule.startswith("flag") else rule
-    return N >= registry()[name].min_workers(None, f)[0]
+    cls = registry()[name]
+    return N >= cls.min_workers(None if cls.config_cls is type(None) else cls.config_cls(), f)[0]
 
 
 def tuned() -> dict[str, dict]:
