@@ -19,6 +19,18 @@ def small_cfg(tmp_path, *overrides: str):
     return config.load([*SMALL, f"run.root={tmp_path}", *overrides])
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Any ray.init fails the test: bad input must be caught before Ray is touched."""
+    import ray
+
+    def refuse(*a, **k):
+        raise AssertionError("ray.init called for bad input")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

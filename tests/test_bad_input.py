@@ -17,18 +17,6 @@ from tests.conftest import SMALL
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Any ray.init fails the test: bad input must be caught before Ray is touched."""
-    import ray
-
-    def refuse(*a, **k):
-        raise AssertionError("ray.init called for bad input")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def _fails(capsys, tmp_path, *overrides, root=None):
     """Run the CLI in-process; the one stderr line. The run root is never created."""
     root = root or tmp_path / "runs"

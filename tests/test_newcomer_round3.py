@@ -17,17 +17,6 @@ from tests.conftest import SMALL
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    def refuse(*a, **k):
-        raise AssertionError("ray.init called for bad input")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def _error(capsys, *overrides):
     assert train.main([*SMALL, *overrides]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
