@@ -405,7 +405,10 @@ def merge(name: str, fs: list[int]) -> Path:
              f"{ {k: round(p.get('wall_s', 0)) for k, p in parts.items()} }. Parts cut short by their time limit "
              f"(runs done / planned; seeds are the outer loop, so a cut part has fewer seeds): "
              f"{ {k: p['partial'] for k, p in parts.items() if 'wall_s' not in p and 'partial' in p} }. "
-             f"Heat map: {name}.png.")
+             f"Heat map: {name}.png. Where Flag trails the best rule (f = 5, IPM plain and adaptive): the f Byzantine "
+             f"rows are one collinear block, a third of the rows; Flag weighs rows by how well an r-dimensional "
+             f"subspace explains their directions, so the block earns a place in the subspace, where the "
+             f"distance-based rules (CAF, SMEA, MDA) reject it by its distance from the rest.")
     return write(name, rows, claims, notes)
 
 
