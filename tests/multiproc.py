@@ -30,3 +30,28 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0) -> list:
         return spawn_ranks(_entry, [(fn, r, world, store.port, timeout_s, args) for r in range(world)], timeout_s + 30)
     finally:
         del store
+
+
+def run_workers_in_threads(cfg, world: int, fn) -> list:
+    """`fn(worker)` on each of `world` TrainWorkers (plain objects, no Ray) connected in threads: the results."""
+    import threading
+
+    from raylane.workers.worker import TrainWorker
+
+    store = host_store("127.0.0.1", 30)
+    workers = [TrainWorker(cfg, r) for r in range(world)]
+    out, errors = [None] * world, []
+
+    def body(r: int) -> None:
+        try:
+            workers[r].connect("127.0.0.1", store.port, 0, r, world, "gloo", 30.0)
+            out[r] = fn(workers[r])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return out

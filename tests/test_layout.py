@@ -3,19 +3,17 @@ recovery plans copies from live peers. No Ray: TrainWorkers as plain objects in 
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
 import torch
 
 from raylane import strategies
-from raylane.comm import host_store
 from raylane.orchestrator.coordinator import saved_state_keys
 from raylane.orchestrator.recovery import peer_plan
 from raylane.strategies.base import Layout, WorkerStrategy, register
-from raylane.workers.worker import TrainWorker
 from tests.conftest import small_cfg
+from tests.multiproc import run_workers_in_threads
 
 
 class PairsWorker(WorkerStrategy):
@@ -86,26 +84,6 @@ def test_peer_plan_seeds_a_lost_replica_from_a_clean_peer_replica_and_leaves_the
     assert peer_plan(seeded, {0: 7, 1: 7, 2: 7, 3: 7}, clean={1, 2, 3}) == (7, {0: 2})
 
 
-def _run_workers(cfg, world: int, fn) -> list:
-    store = host_store("127.0.0.1", 30)
-    workers = [TrainWorker(cfg, r) for r in range(world)]
-    out, errors = [None] * world, []
-
-    def body(r: int) -> None:
-        try:
-            workers[r].connect("127.0.0.1", store.port, 0, r, world, "gloo", 30.0)
-            out[r] = fn(workers[r])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return out
-
-
 def test_named_groups_are_formed_counted_and_kept_apart_from_evaluation(tmp_path):
     cfg = small_cfg(tmp_path, "strategy=ddp")
     cfg.strategy.name = "_test_pairs"
@@ -115,7 +93,7 @@ def test_named_groups_are_formed_counted_and_kept_apart_from_evaluation(tmp_path
         ev = worker.evaluate(4)
         second = worker.train_step(0, 0.1)
         return first, ev, second
-    results = _run_workers(cfg, 4, body)
+    results = run_workers_in_threads(cfg, 4, body)
     for r, (first, ev, second) in enumerate(results):
         pair = (0, 1) if r < 2 else (2, 3)
         assert (first["pair_sum"], first["pair_rank"], first["pair_size"]) == (sum(pair), pair.index(r), 2)
@@ -136,6 +114,6 @@ def test_a_hang_fires_at_the_first_collective_of_a_named_group(tmp_path):
     def body(worker):
         directive = Directive(hang_s=0.4) if worker.rank == 0 else None
         return worker.run(directive, 1, "train_step", 0, 0.1)
-    results = _run_workers(cfg, 2, body)
+    results = run_workers_in_threads(cfg, 2, body)
     assert results[0]["pair_sum"] == results[1]["pair_sum"] == 1.0
     assert results[0]["step_time_s"] >= 0.4 and results[1]["comm_wait_s"] >= 0.3  # rank 1 waited in the pair

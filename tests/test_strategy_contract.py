@@ -5,14 +5,12 @@ TrainWorkers run as plain objects in threads; the check is the one the coordinat
 
 from __future__ import annotations
 
-import threading
-
 from raylane import strategies
-from raylane.comm import host_store
 from raylane.orchestrator.contract import identical_state_problem
 from raylane.strategies.base import WorkerStrategy, register
 from raylane.workers.worker import TrainWorker
 from tests.conftest import small_cfg
+from tests.multiproc import run_workers_in_threads
 
 
 class LocalStepsWorker(WorkerStrategy):
@@ -32,25 +30,12 @@ register("_test_local_steps", strategies.get("ddp").config_cls, LocalStepsWorker
 
 
 def _fingerprints_after_steps(cfg, world: int, steps: int) -> list:
-    store = host_store("127.0.0.1", 30)
-    workers = [TrainWorker(cfg, r) for r in range(world)]
-    out, errors = [None] * world, []
+    def body(worker: TrainWorker) -> list[float]:
+        for step in range(steps):
+            worker.train_step(step * world * cfg.data.batch_size, 1e-2)
+        return worker.fingerprint()
 
-    def body(r: int) -> None:
-        try:
-            workers[r].connect("127.0.0.1", store.port, 0, r, world, "gloo", 30.0)
-            for step in range(steps):
-                workers[r].train_step(step * world * cfg.data.batch_size, 1e-2)
-            out[r] = workers[r].fingerprint()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    return out
+    return run_workers_in_threads(cfg, world, body)
 
 
 def test_local_step_strategy_with_the_inherited_replicas_identical_flag_fails_loudly(tmp_path):

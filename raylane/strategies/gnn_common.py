@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from raylane.strategies.base import DriverStrategy, WorkerCalls, WorkerContext
-from raylane.validation import check
+from raylane.strategies.gnn_partition import PARTITIONERS
+from raylane.validation import check, one_of
 
 GNN_MODELS = ("gcn", "sage", "gcnii")
 GRAPH_DATA = ("csbm", "karate", "graph")
@@ -145,3 +146,10 @@ def evaluation(parts: dict[str, tuple[float, int, int]]) -> dict[str, tuple[floa
 
 def masks(graph: Any) -> dict[str, torch.Tensor]:
     return {"val": graph.val_mask, "test": graph.test_mask}
+
+
+def check_graph_options(cfg: Any, prefix: str) -> None:
+    """The options graph_parallel and gnnpipe share: partitioner, best-validation evaluation, patience."""
+    one_of(f"{prefix}.partitioner", cfg.partitioner, PARTITIONERS)
+    check(cfg.best_val_every >= 0, f"{prefix}.best_val_every", cfg.best_val_every, "must be >= 0")
+    check(cfg.patience >= 0, f"{prefix}.patience", cfg.patience, "must be >= 0")

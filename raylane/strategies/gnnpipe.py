@@ -41,8 +41,8 @@ from raylane.strategies import gnn_common as common
 from raylane.strategies.base import Layout, WorkerContext, WorkerStrategy, register
 from raylane.strategies.gnn_engine import Peers, StageEngine
 from raylane.strategies.gnn_hybrid import Exchange, WayPlan
-from raylane.strategies.gnn_partition import PARTITIONERS, locality_rank, partition, partition_stats, split_blocks
-from raylane.validation import check, one_of
+from raylane.strategies.gnn_partition import locality_rank, partition, partition_stats, split_blocks
+from raylane.validation import check
 
 
 @dataclass
@@ -59,9 +59,7 @@ class GnnPipeConfig:
     patience: int = 0                  # stop after N evaluations without a better validation accuracy (0: never)
 
     def validate(self, prefix: str) -> None:
-        one_of(f"{prefix}.partitioner", self.partitioner, PARTITIONERS)
-        check(self.best_val_every >= 0, f"{prefix}.best_val_every", self.best_val_every, "must be >= 0")
-        check(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
+        common.check_graph_options(self, prefix)
         check(self.chunks >= 1, f"{prefix}.chunks", self.chunks, "must be >= 1")
         check(self.data_parallel >= 1, f"{prefix}.data_parallel", self.data_parallel, "must be >= 1")
         check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", self.warmup_epochs, "must be >= 0")

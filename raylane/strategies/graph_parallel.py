@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from raylane.strategies import gnn_common as common
 from raylane.strategies.base import WorkerContext, WorkerStrategy, register
-from raylane.strategies.gnn_partition import PARTITIONERS, partition, partition_stats, subgraph
-from raylane.validation import check, one_of
+from raylane.strategies.gnn_partition import partition, partition_stats, subgraph
 
 
 @dataclass
@@ -36,9 +35,7 @@ class GraphParallelConfig:
     patience: int = 0                  # stop after N evaluations without a better validation accuracy (0: never)
 
     def validate(self, prefix: str) -> None:
-        one_of(f"{prefix}.partitioner", self.partitioner, PARTITIONERS)
-        check(self.best_val_every >= 0, f"{prefix}.best_val_every", self.best_val_every, "must be >= 0")
-        check(self.patience >= 0, f"{prefix}.patience", self.patience, "must be >= 0")
+        common.check_graph_options(self, prefix)
 
     def check_run(self, run: Any) -> None:
         common.check_graph_run(run, "graph_parallel")
