@@ -46,7 +46,7 @@ def _entry(cfg: Any, rank: int, port: int, steps: int, regen_at: int | None, out
 
         world, bs = cfg.cluster.num_workers, cfg.data.batch_size
         if getattr(cfg.strategy, "engine", None) == "deepspeed":
-            from raylane.strategies.replica_deepspeed import _import_deepspeed
+            from raylane.strategies.replicas.deepspeed import _import_deepspeed
 
             _import_deepspeed(torch.device("cpu"))
         with open("/proc/self/clear_refs", "w") as f:  # the peak RSS from here on

@@ -22,7 +22,7 @@ tau, Flag's r, Flag-with-lambda's r and lambda) tuned on the validation split at
 over the attacks, one seed not among the test seeds); accuracies reported on the test split.
 
 In-process simulation, no Ray: per-worker gradients by torch.func.vmap on one process; the rows go
-through raylane's own code (attacks.py, workers/chaos.corruption, robust_round.aggregate with the
+through raylane's own code (attacks.py, workers/chaos.corruption, blocks/aggregators/round.aggregate with the
 Pipeline: non-finite rows dropped, f lowered). Two processes share the grid (torch threads = 1).
 
 Aggregation time: every rule on a random (15, 10M) float32 matrix, f = 3 (Bulyan, SMEA, MDA as
@@ -115,8 +115,8 @@ def accuracy(w, data) -> float:
 
 # -- one training run ------------------------------------------------------------------------
 def pipeline(rule: str, f: int, params: dict):
-    from raylane.strategies.aggregators import registry
-    from raylane.strategies.aggregators.pipeline import Pipeline
+    from raylane.strategies.blocks.aggregators import registry
+    from raylane.strategies.blocks.aggregators.pipeline import Pipeline
 
     name = "flag" if rule.startswith("flag") else rule
     cls = registry()[name]
@@ -128,8 +128,8 @@ def pipeline(rule: str, f: int, params: dict):
 
 def forge(attack: str, G, f: int, pipe, state, step: int, seed: int):
     """G with rows 0..f-1 replaced as `attack` says (G: every rank's honest momentum row)."""
-    from raylane.strategies import attacks
-    from raylane.strategies.robust_round import run_rule
+    from raylane.strategies.blocks import attacks
+    from raylane.strategies.blocks.aggregators.round import run_rule
     from raylane.workers.chaos import corruption
 
     ranks = list(range(f))
@@ -174,8 +174,8 @@ def train(rule: str, f: int, attack: str, seed: int, params: dict, data, steps: 
     every row non-finite)."""
     import torch
 
-    from raylane.strategies import attacks
-    from raylane.strategies.robust_round import NotEnoughRows, aggregate
+    from raylane.strategies.blocks import attacks
+    from raylane.strategies.blocks.aggregators.round import NotEnoughRows, aggregate
 
     (xtr, ytr), evald = data
     pipe = pipeline(rule, f, params)
@@ -216,7 +216,7 @@ def _job(args) -> tuple:
 
 
 def _init_worker():
-    from raylane.strategies import attacks
+    from raylane.strategies.blocks import attacks
 
     global _DATA
     _DATA = load_data()
@@ -243,7 +243,7 @@ def run_jobs(jobs: list[tuple], procs: int, save=None) -> list[tuple]:
 
 # -- parts ------------------------------------------------------------------------------------
 def applicable(rule: str, f: int) -> bool:
-    from raylane.strategies.aggregators import registry
+    from raylane.strategies.blocks.aggregators import registry
 
     name = "flag" if rule.startswith("flag") else rule
     cls = registry()[name]

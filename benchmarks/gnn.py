@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import claim, median  # noqa: E402
 from benchmarks._gnn_ranks import run_workers  # noqa: E402
-from raylane.strategies.gnn_common import BestValidation  # noqa: E402
+from raylane.strategies.gnn.common import BestValidation  # noqa: E402
 
 CORA_SYSTEMS = {"single": [], "graph_parallel": ["strategy=graph_parallel", "cluster.num_workers=2"],
                 "gnnpipe": ["strategy=gnnpipe", "cluster.num_workers=2", "strategy.chunks=4"],

@@ -153,8 +153,8 @@ def _paired(runs: dict[str, list[dict]], num: str, den: str, key: str) -> dict:
 def quant_bound(args: argparse.Namespace) -> float:
     """The most the quant grid allows: default bytes / every compressible layer at its cheapest candidate."""
     from raylane import config
-    from raylane.strategies.lgreco import LGrecoWorker
-    from raylane.strategies.lgreco_levels import wire_bytes
+    from raylane.strategies.lgreco.strategy import LGrecoWorker
+    from raylane.strategies.blocks.compression_plan.levels import wire_bytes
     from raylane.workers.worker import TrainWorker
 
     with tempfile.TemporaryDirectory() as root:

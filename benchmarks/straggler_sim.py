@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from raylane.strategies.gc_patience import Patience
-from raylane.strategies.sgc import Schedule
+from raylane.strategies.gradient_coding.patience import Patience
+from raylane.strategies.gradient_coding.sgc import Schedule
 
 
 def round_end(schedule: Schedule, times: dict[int, float], rule: str, mu: float) -> tuple[float, frozenset[int]]:

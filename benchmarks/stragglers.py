@@ -89,7 +89,7 @@ def run_one(cfg) -> dict:
 def limit(pattern: str, scheme: str, steps: int, streams: int) -> float:
     """Total seconds of the trace-only limit (straggler_sim.py) on the same injected delays."""
     from benchmarks.straggler_sim import trace_only
-    from raylane.strategies.gradient_coding import build_schedule
+    from raylane.strategies.gradient_coding.strategy import build_schedule
 
     cfg = _cfg(tempfile.gettempdir(), pattern, scheme, steps, streams, 0)
     schedule = build_schedule(cfg.strategy, WORKERS)
@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, reps = (6, 1) if args.quick else (30, 3)
 
-    from raylane.strategies.gradient_coding import GradientCodingConfig
+    from raylane.strategies.gradient_coding.strategy import GradientCodingConfig
     from raylane.train import start_local_ray
 
     delays = [GradientCodingConfig(**{o.split(".", 1)[1].split("=")[0]: _value(o) for o in ov}).delay

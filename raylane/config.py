@@ -20,7 +20,7 @@ import logging
 from raylane import preflight, strategies
 from raylane.orchestrator import rundir
 from raylane.orchestrator.faults import FaultsConfig
-from raylane.workers.chaos import GRADIENT_MODES, WIRE_MODES
+from raylane.workers.chaos import GRADIENT_MODES, ROW_MODES, WIRE_MODES
 from raylane.validation import ConfigError, check, from_dict, one_of
 from raylane.workers.data import DataConfig
 from raylane.workers.gnn_models import GNN_MODELS
@@ -76,6 +76,7 @@ class ClusterConfig:
     round_timeout_s: float = 600.0   # no reply to a round by then: the silent workers are hung
     max_step_failures: int = 3       # the same step failing this often in a row is not transient: stop
     ranks_per_replica: int = 1       # ranks that train one replica together (strategy=hsdp/replica_diloco)
+    reuse_workers: bool = True       # a finished run's healthy worker processes serve the next run in this driver
 
     def validate(self, prefix: str) -> None:
         check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "must be >= 1")
@@ -206,10 +207,12 @@ def validate(raw: dict[str, Any]) -> RunConfig:
                     **sections)
     cfg.faults.validate_ranks(cfg.cluster.num_workers)
     _check_driver_crash(cfg)
+    rows = getattr(cfg.strategy, "aggregates_rows", False)  # e.g. diloco with strategy.outer.aggregator
     for i, e in enumerate(cfg.faults.events):  # gradient-level attacks need a strategy that lets a worker forge
         check(e.kind != "byzantine" or e.mode not in GRADIENT_MODES or getattr(spec.worker_cls, "forges_gradients",
-                                                                                False),
-              f"faults.events[{i}].mode", e.mode, f"needs a strategy that exchanges gradients (strategy=robust); "
+                                                                                False) or (rows and e.mode in ROW_MODES),
+              f"faults.events[{i}].mode", e.mode, f"needs a strategy that exchanges gradients (strategy=robust) or "
+              f"gathers outer gradients (strategy.outer.aggregator; not label_flip); "
               f"strategy={cfg.strategy.name} takes only {list(WIRE_MODES)}")
     check(cfg.cluster.ranks_per_replica == 1 or getattr(spec.worker_cls, "hosts_replicas", False),
           "cluster.ranks_per_replica", cfg.cluster.ranks_per_replica,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raylane.strategies.aggregators import NNM, build, registry
-from raylane.strategies.aggregators.clipping import CenteredClippingConfig
-from raylane.strategies.aggregators.flag import FlagConfig
-from raylane.strategies.aggregators.krum import MultiKrumConfig
+from raylane.strategies.blocks.aggregators import NNM, build, registry
+from raylane.strategies.blocks.aggregators.clipping import CenteredClippingConfig
+from raylane.strategies.blocks.aggregators.flag import FlagConfig
+from raylane.strategies.blocks.aggregators.krum import MultiKrumConfig
 
 pytestmark = pytest.mark.timeout(120)
 

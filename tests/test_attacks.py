@@ -12,7 +12,7 @@ import torch
 
 from raylane import config
 from raylane.orchestrator.faults import FaultEvent, FaultPlan, FaultsConfig
-from raylane.strategies import attacks
+from raylane.strategies.blocks import attacks
 from raylane.validation import ConfigError
 from raylane.workers.chaos import ByzantineStep, Directive
 
@@ -130,8 +130,8 @@ def _honest(n=10, d=6, seed=0):
 
 
 def test_adaptive_search_finds_at_least_the_damage_of_every_grid_factor():
-    from raylane.strategies.aggregators.pipeline import Pipeline
-    from raylane.strategies.aggregators.simple import TrimmedMeanConfig
+    from raylane.strategies.blocks.aggregators.pipeline import Pipeline
+    from raylane.strategies.blocks.aggregators.simple import TrimmedMeanConfig
 
     honest, ranks, n = _honest(), (0, 1, 2), 13
     target = Pipeline("trimmed_mean", TrimmedMeanConfig(), 3)
@@ -176,8 +176,8 @@ def test_attack_presets_load(preset, mode):
 
 # -- non-finite rows are dropped, never aggregated ---------------------------------------------
 def _pipe(name, f, **kw):
-    from raylane.strategies.aggregators import registry
-    from raylane.strategies.aggregators.pipeline import Pipeline
+    from raylane.strategies.blocks.aggregators import registry
+    from raylane.strategies.blocks.aggregators.pipeline import Pipeline
 
     return Pipeline(name, registry()[name].config_cls(), f, **kw)
 
@@ -185,7 +185,7 @@ def _pipe(name, f, **kw):
 @pytest.mark.parametrize("name", ["mean", "krum", "multi_krum", "geomed", "flag", "mda", "caf", "median"])
 @pytest.mark.parametrize("nnm", [False, True])
 def test_nonfinite_rows_never_reach_an_aggregate(name, nnm):
-    from raylane.strategies.robust_round import aggregate
+    from raylane.strategies.blocks.aggregators.round import aggregate
 
     honest = _honest(8, 5)
     G = torch.cat([torch.full((1, 5), float("inf")), honest[:4], torch.full((1, 5), float("nan")), honest[4:]])
@@ -202,7 +202,7 @@ def test_nonfinite_rows_never_reach_an_aggregate(name, nnm):
 
 
 def test_too_few_finite_rows_fail_the_round_with_one_line():
-    from raylane.strategies.robust_round import NotEnoughRows, aggregate
+    from raylane.strategies.blocks.aggregators.round import NotEnoughRows, aggregate
 
     G = torch.full((5, 3), float("nan"))
     with pytest.raises(NotEnoughRows, match=r"5 of 5 rows hold inf/nan.*0 left.*needs") as err:

@@ -17,8 +17,8 @@ import torch
 
 from raylane.orchestrator import checkpoint
 from raylane.orchestrator.rundir import prepare_run_dir
-from raylane.strategies.gradient_coding import CodedDriver, GradientCodingConfig
-from raylane.strategies.sgc import Task
+from raylane.strategies.gradient_coding.strategy import CodedDriver, GradientCodingConfig
+from raylane.strategies.gradient_coding.sgc import Task
 from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.timeout(120)

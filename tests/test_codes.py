@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from raylane.strategies.codes import (CyclicRepetitionCode, DecodeAccuracyWarning, FractionalRepetitionCode,
+from raylane.strategies.gradient_coding.codes import (CyclicRepetitionCode, DecodeAccuracyWarning, FractionalRepetitionCode,
                                       make_code)
 
 SMALL = [(n, s) for n in range(2, 13) for s in range(n)]

@@ -16,7 +16,7 @@ import yaml
 from raylane.comm import expected_bytes_sent
 from raylane.orchestrator.coordinator import Coordinator
 from raylane.strategies.base import WorkerContext
-from raylane.strategies.diloco import DiLoCoConfig, DiLoCoWorker
+from raylane.strategies.diloco.strategy import DiLoCoConfig, DiLoCoWorker
 from raylane.validation import from_dict
 from raylane.workers.data import GlobalSampler, build_dataset
 from raylane.workers.models import ModelConfig, build_model, loss_fn

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raylane import config
-from raylane.strategies.diloco_fragments import SyncSchedule, block_fragments, split_parameters
+from raylane.strategies.diloco.fragments import SyncSchedule, block_fragments, split_parameters
 from raylane.validation import ConfigError
 from raylane.workers.models import ModelConfig, build_model
 

@@ -1,7 +1,7 @@
 """When a coded round may declare its silent workers stragglers: the silence rule and the SGC
 authors' (1 + mu) x fastest rule (strategy.straggler_rule)."""
 
-from raylane.strategies.gc_patience import Patience
+from raylane.strategies.gradient_coding.patience import Patience
 
 
 def test_silence_rule_waits_while_answers_keep_coming():

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raylane.strategies.gnn_engine import Peers, StageEngine
-from raylane.strategies.gnn_partition import locality_rank, split_blocks
+from raylane.strategies.gnn.engine import Peers, StageEngine
+from raylane.strategies.gnn.partition import locality_rank, split_blocks
 from raylane.workers.graphs import GraphConfig, csbm
 from raylane.workers.models import ModelConfig, build_model
 
@@ -58,7 +58,7 @@ def test_one_chunk_is_the_whole_graph_model_from_the_first_epoch():
 
 def test_warmup_epochs_run_as_one_chunk_then_the_pipeline_reads_history_and_state_round_trips():
     from raylane.strategies.base import WorkerContext
-    from raylane.strategies.gnnpipe import GnnPipeConfig, GnnPipeWorker
+    from raylane.strategies.gnn.gnnpipe import GnnPipeConfig, GnnPipeWorker
 
     g = csbm(GraphConfig(num_vertices=200), 3, 8, 0)
     model = build_model(ModelConfig(name="sage", n_layer=2, d_model=8), 3, 8, 0, 0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from benchmarks._gnn_ranks import run_workers
 from raylane import config
 from raylane.comm import wire
-from raylane.strategies.gnn_partition import partition, subgraph
+from raylane.strategies.gnn.partition import partition, subgraph
 from raylane.workers.data import build_dataset
 from raylane.workers.models import build_model
 
@@ -113,7 +113,7 @@ def _halo_rows(g, owner, ways):
 
 def test_hybrid_with_one_chunk_equals_the_single_process_loss_and_gradient_and_sends_the_formula(tmp_path):
     cfg = _cfg(tmp_path, "gnnpipe", 4, "strategy.data_parallel=2", "strategy.chunks=1")
-    from raylane.strategies.gnnpipe import GnnPipeWorker
+    from raylane.strategies.gnn.gnnpipe import GnnPipeWorker
 
     layout = GnnPipeWorker.layout(cfg.strategy, 4)
     assert layout.state_keys == ("stage_0", "stage_0", "stage_1", "stage_1") and not layout.elastic

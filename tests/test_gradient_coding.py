@@ -10,7 +10,7 @@ import torch
 
 from raylane.comm import CompressionConfig
 from raylane.orchestrator.coordinator import Coordinator
-from raylane.strategies.gradient_coding import CodedDriver, GradientCodingConfig, RoundTimeout
+from raylane.strategies.gradient_coding.strategy import CodedDriver, GradientCodingConfig, RoundTimeout
 from raylane.validation import ConfigError
 from tests.conftest import small_cfg
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from raylane import config
-from raylane.strategies.gnn_common import BestValidation
-from raylane.strategies.gnn_partition import locality_rank, partition, partition_stats, split_blocks, subgraph
-from raylane.strategies.gnnpipe import GnnPipeConfig, GnnPipeWorker, stage_split
+from raylane.strategies.gnn.common import BestValidation
+from raylane.strategies.gnn.partition import locality_rank, partition, partition_stats, split_blocks, subgraph
+from raylane.strategies.gnn.gnnpipe import GnnPipeConfig, GnnPipeWorker, stage_split
 from raylane.validation import ConfigError
 from raylane.workers.graphs import REPO, GraphConfig, csbm, karate, load_folder
 from raylane.workers.models import ModelConfig, build_model

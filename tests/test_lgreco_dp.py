@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from raylane.strategies.lgreco_dp import choose_levels, solve_mckp
-from raylane.strategies.lgreco_levels import applies, compressor, errors, in_range, wire_bytes
+from raylane.strategies.blocks.compression_plan.dp import choose_levels, solve_mckp
+from raylane.strategies.blocks.compression_plan.levels import applies, compressor, errors, in_range, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

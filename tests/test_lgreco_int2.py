@@ -6,7 +6,7 @@ import torch
 
 from raylane.comm import quant
 from raylane.comm.quantizers import Int2Quantizer
-from raylane.strategies.lgreco_levels import compressor, family, wire_bytes
+from raylane.strategies.blocks.compression_plan.levels import compressor, family, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import torch
 
 from raylane.comm import host_store
 from raylane.comm.sparse import kept
-from raylane.strategies.lgreco_levels import errors
+from raylane.strategies.blocks.compression_plan.levels import errors
 from raylane.workers.worker import TrainWorker
 from tests.conftest import small_cfg
 

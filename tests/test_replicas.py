@@ -111,7 +111,7 @@ def test_bad_replica_config_is_one_line(tmp_path, overrides, message):
 
 
 def test_fp16_on_a_cpu_without_it_is_refused_before_ray_starts(tmp_path):
-    from raylane.strategies.replica_ds_config import _cpu_has_fp16
+    from raylane.strategies.replicas.ds_config import _cpu_has_fp16
 
     if _cpu_has_fp16():
         pytest.skip("this CPU has oneDNN fp16: DeepSpeed's CPU accelerator takes fp16 here")
@@ -124,7 +124,7 @@ def test_users_ds_config_file_is_merged_under_raylanes_keys(tmp_path):
     """A YAML file (a JSON one alike) with the user's precision, accumulation and ZeRO-3 tuning: raylane
     derives the batch sizes, keeps clipping, stage and persistence, sets the exposed ZeRO-3 limits and
     leaves the comms logger off; the user's own keys pass through."""
-    from raylane.strategies.replica_ds_config import merged
+    from raylane.strategies.replicas.ds_config import merged
 
     path = tmp_path / "ds.yaml"
     path.write_text("bf16: {enabled: true}\ngradient_accumulation_steps: 2\nactivation_checkpointing: "

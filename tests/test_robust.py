@@ -11,7 +11,7 @@ import torch
 from raylane import config
 from raylane.orchestrator.faults import FaultPlan
 from raylane.strategies.base import WorkerContext
-from raylane.strategies.robust import RobustWorker
+from raylane.strategies.robust.strategy import RobustWorker
 from raylane.workers.optim import lr_at
 from raylane.workers.worker import TrainWorker
 

@@ -9,10 +9,10 @@ import itertools
 import pytest
 import torch
 
-from raylane.strategies.aggregators import build, registry
-from raylane.strategies.aggregators.geomed import GeoMedConfig
-from raylane.strategies.aggregators.monna import MonnaConfig
-from raylane.strategies.aggregators.pipeline import Pipeline, bucket_matrix
+from raylane.strategies.blocks.aggregators import build, registry
+from raylane.strategies.blocks.aggregators.geomed import GeoMedConfig
+from raylane.strategies.blocks.aggregators.monna import MonnaConfig
+from raylane.strategies.blocks.aggregators.pipeline import Pipeline, bucket_matrix
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from raylane.strategies.codes import CyclicRepetitionCode, make_code
-from raylane.strategies.sgc import (BurstyModel, GCSchedule, MSGCSchedule, Schedule, SRSGCSchedule, m_sgc_load,
+from raylane.strategies.gradient_coding.codes import CyclicRepetitionCode, make_code
+from raylane.strategies.gradient_coding.sgc import (BurstyModel, GCSchedule, MSGCSchedule, Schedule, SRSGCSchedule, m_sgc_load,
                                     sr_sgc_s)
 
 

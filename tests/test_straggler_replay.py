@@ -6,8 +6,8 @@ import os
 import pytest
 
 from benchmarks.straggler_sim import round_end, trace_only
-from raylane.strategies.codes import make_code
-from raylane.strategies.sgc import BurstyModel, GCSchedule, SRSGCSchedule
+from raylane.strategies.gradient_coding.codes import make_code
+from raylane.strategies.gradient_coding.sgc import BurstyModel, GCSchedule, SRSGCSchedule
 from raylane.validation import ConfigError
 from raylane.stragglers import StragglerModel, load_trace
 

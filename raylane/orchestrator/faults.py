@@ -28,7 +28,7 @@ from pathlib import Path
 
 from raylane.comm import Link
 from raylane.validation import check, one_of
-from raylane.workers.chaos import BYZANTINE_MODES, Directive
+from raylane.workers.chaos import BYZANTINE_MODES, ROW_MODES, Directive
 from raylane.stragglers import StragglerModel
 
 KINDS = ("crash", "kill", "node_loss", "hang", "straggler", "byzantine", "network", "driver_crash")
@@ -145,8 +145,11 @@ class FaultPlan:
             self._mark(i, e)
         colluders = tuple(sorted(r for r, d in out.items() if d.byzantine))
         if colluders:  # every rank learns the step's Byzantine ranks (ground truth; the colluders' pact)
+            rows = tuple((r, out[r].byzantine, out[r].epsilon, out[r].z, out[r].target) for r in colluders
+                         if out[r].byzantine in ROW_MODES)
             for r in range(world):
-                out.setdefault(r, Directive()).colluders = colluders
+                d = out.setdefault(r, Directive())
+                d.colluders, d.row_attacks = colluders, rows
         return {r: d for r, d in out.items() if d}
 
     def driver_events(self, step: int) -> list[FaultEvent]:

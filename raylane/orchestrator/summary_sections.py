@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-PREFIXES = ("gc/", "robust/", "lgreco/", "gnnpipe/", "deepspeed/", "engine/", "stragglers/", "eval/accuracy",
+PREFIXES = ("gc/", "robust/", "outer/", "lgreco/", "gnnpipe/", "deepspeed/", "engine/", "stragglers/", "eval/accuracy",
             "eval/test_accuracy")
 N, SUM, LAST, MAX, MIN = range(5)
 
@@ -61,15 +61,31 @@ def _straggler_plan(t: dict[str, list[float]]) -> str | None:
     return line
 
 
-def _robust(t: dict[str, list[float]]) -> str | None:
-    if "robust/byzantine_rows" not in t:
+def _rows(t: dict[str, list[float]], p: str, unit: str) -> str | None:
+    if f"{p}/byzantine_rows" not in t:
         return None
-    parts = [f"{int(t['robust/byzantine_rows'][SUM])} Byzantine rows in {int(t['robust/byzantine_rows'][N])} steps"]
-    if "robust/dropped_rows" in t:
-        parts.append(f"{int(t['robust/dropped_rows'][SUM])} non-finite rows dropped (suspected Byzantine)")
-    if "robust/cos_to_honest_mean" in t:
-        parts.append(f"last aggregate's cosine to the honest mean {t['robust/cos_to_honest_mean'][LAST]:.3f}")
+    parts = [f"{int(t[f'{p}/byzantine_rows'][SUM])} Byzantine rows in {int(t[f'{p}/byzantine_rows'][N])} {unit}"]
+    if f"{p}/dropped_rows" in t:
+        parts.append(f"{int(t[f'{p}/dropped_rows'][SUM])} non-finite rows dropped (suspected Byzantine)")
+    if f"{p}/cos_to_honest_mean" in t:
+        parts.append(f"last aggregate's cosine to the honest mean {t[f'{p}/cos_to_honest_mean'][LAST]:.3f}")
     return ", ".join(parts)
+
+
+def _robust(t: dict[str, list[float]]) -> str | None:
+    return _rows(t, "robust", "steps")
+
+
+def _outer(t: dict[str, list[float]]) -> str | None:
+    """DiLoCo's robust outer sync (strategy.outer.aggregator): one row per replica and merge."""
+    return _rows(t, "outer", "outer merges")
+
+
+def _draco(t: dict[str, list[float]]) -> str | None:
+    if "gc/disagreeing" not in t:
+        return None
+    return (f"{int(t['gc/disagreeing'][SUM])} outvoted copies in {int(t['gc/disagreeing'][N])} rounds "
+            f"(most in one round: {int(t['gc/disagreeing'][MAX])}; per rank: gc/disagree/rank<i> in metrics.jsonl)")
 
 
 def _accuracy(t: dict[str, list[float]]) -> str | None:
@@ -121,7 +137,8 @@ def _deepspeed(t: dict[str, list[float]]) -> str | None:
 
 
 SECTIONS: list[tuple[str, Callable[[dict[str, list[float]]], str | None]]] = [
-    ("accuracy", _accuracy), ("stragglers", _stragglers_gc), ("attacks", _robust), ("stages", _gnnpipe),
+    ("accuracy", _accuracy), ("stragglers", _stragglers_gc), ("attacks", _robust), ("outer attacks", _outer),
+    ("vote", _draco), ("stages", _gnnpipe),
     ("plan", _lgreco), ("replicas", _deepspeed)]
 
 

@@ -52,6 +52,40 @@ def _silent_ones_are_hung(results: dict, failure: WorkerFailure) -> bool:
             and any("timed out" in e.lower() for e in failure.errors.values()))
 
 
+class _Pool:
+    """Idle warm TrainWorker actors of this driver, by (Ray job, CPUs, GPUs): at most one finished run's
+    worth, since idle actors hold their CPUs. Taking from one key kills the others (their resources
+    may be what the new run needs)."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple, list[Any]] = {}
+
+    def take(self, key: tuple, n: int) -> list[Any]:
+        mine = self.idle.pop(key, [])
+        self.clear()
+        for a in mine[n:]:
+            ray.kill(a, no_restart=True)
+        return mine[:n]
+
+    def put(self, key: tuple, actors: list[Any]) -> None:
+        self.clear()
+        if actors:
+            self.idle[key] = actors
+
+    def clear(self) -> list[Any]:
+        for actors in self.idle.values():
+            for a in actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - Ray shut down already: the actor is gone
+                    pass
+        self.idle = {}
+        return []
+
+
+_POOL = _Pool()
+
+
 class WorkerGroup:
     on_wait: Any = None  # on_wait(text): what a get() is waiting on ("" when done); the bar shows it
 
@@ -77,11 +111,19 @@ class WorkerGroup:
         return ray.remote(TrainWorker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
                                                max_restarts=0).remote(self.cfg, rank, max(1, int(c.cpus_per_worker)))
 
+    def _pool_key(self) -> tuple:
+        c = self.cfg.cluster
+        return ray.get_runtime_context().get_job_id(), c.cpus_per_worker, c.gpus_per_worker
+
     def start(self) -> None:
         c = self.cfg.cluster
-        self.actors = [self.new_actor(r) for r in range(c.num_workers)]
+        warm = _POOL.take(self._pool_key(), c.num_workers) if c.reuse_workers else _POOL.clear()
+        threads = max(1, int(c.cpus_per_worker))
+        self.actors = warm + [self.new_actor(r) for r in range(len(warm), c.num_workers)]
         try:
-            self.addresses = ray.get([a.address.remote() for a in self.actors], timeout=c.start_timeout_s)
+            self.addresses = ray.get([a.reinit.remote(self.cfg, r, threads) for r, a in enumerate(warm)]
+                                     + [a.address.remote() for a in self.actors[len(warm):]],
+                                     timeout=c.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise WorkerStartError(
@@ -108,9 +150,25 @@ class WorkerGroup:
             ray.kill(self.actors[r], no_restart=True)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        """Stop the members; with cluster.reuse_workers, the healthy ones (answering within 10 s, no
+        DeepSpeed in them) wait in this driver's pool for its next run instead."""
+        actors, self.actors = self.actors, []
+        if not actors:
+            return
+        if self.cfg.cluster.reuse_workers and ray.is_initialized():
+            refs = {a.park.remote(): a for a in actors}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=10.0)
+            healthy = []
+            for ref in ready:
+                try:
+                    if ray.get(ref):
+                        healthy.append(refs[ref])
+                except Exception:  # noqa: BLE001 - a dead or failing actor is simply not reused
+                    pass
+            _POOL.put(self._pool_key(), [a for a in actors if a in healthy])
+            actors = [a for a in actors if a not in healthy]
+        for a in actors:
             ray.kill(a, no_restart=True)
-        self.actors = []
 
     def probe(self, timeout_s: float = 5.0) -> dict[int, int]:
         """Heartbeat: {rank: last applied step} of the members that answer within `timeout_s`."""

@@ -1,14 +1,14 @@
-"""Training strategies; importing this package registers every built-in one."""
+"""Training strategies, one package per family; the registry (base.py) imports a built-in strategy's
+module the first time its name is asked for.
 
-from raylane.strategies import ddp  # noqa: F401  (registers "ddp")
-from raylane.strategies import diloco  # noqa: F401  (registers "diloco")
-from raylane.strategies import gradient_coding  # noqa: F401  (registers "gradient_coding")
-from raylane.strategies import robust  # noqa: F401  (registers "robust")
-from raylane.strategies import lgreco  # noqa: F401  (registers "lgreco")
-from raylane.strategies import gnnpipe  # noqa: F401  (registers "gnnpipe")
-from raylane.strategies import graph_parallel  # noqa: F401  (registers "graph_parallel")
-from raylane.strategies import replicas  # noqa: F401  (registers "hsdp")
-from raylane.strategies import replica_diloco  # noqa: F401  (registers "replica_diloco")
-from raylane.strategies.base import Layout, get, names, register
+Layout (arrows point down; a family never imports another family's strategy module):
+- base.py: the contract (WorkerStrategy, DriverStrategy, Layout) and the registry; ddp.py: the baseline.
+- diloco/, gradient_coding/, robust/, lgreco/, gnn/, replicas/: the families.
+- blocks/: what any sync path may call: aggregators ((n, d) rows -> a d vector, with their
+  preconditions), attacks on a row, compression_plan (a compression level per named tensor, L-GreCo's
+  dynamic program over the comm layer's compressors).
+"""
 
-__all__ = ["Layout", "get", "names", "register"]
+from raylane.strategies.base import BUILTIN, Layout, get, names, register
+
+__all__ = ["BUILTIN", "Layout", "get", "names", "register"]

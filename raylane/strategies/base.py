@@ -24,6 +24,8 @@ coordinator reads the layout; it never asks which strategy runs.
 
 from __future__ import annotations
 
+import importlib
+
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Protocol
@@ -233,6 +235,20 @@ class StrategySpec:
 
 _REGISTRY: dict[str, StrategySpec] = {}
 
+# The built-in strategies, by the module that registers each: imported on first use, so a worker
+# loads only its own strategy's family (and a driver that never names gnnpipe never imports it).
+BUILTIN: dict[str, str] = {
+    "ddp": "raylane.strategies.ddp",
+    "diloco": "raylane.strategies.diloco.strategy",
+    "gradient_coding": "raylane.strategies.gradient_coding.strategy",
+    "robust": "raylane.strategies.robust.strategy",
+    "lgreco": "raylane.strategies.lgreco.strategy",
+    "gnnpipe": "raylane.strategies.gnn.gnnpipe",
+    "graph_parallel": "raylane.strategies.gnn.graph_parallel",
+    "hsdp": "raylane.strategies.replicas.hsdp",
+    "replica_diloco": "raylane.strategies.replicas.diloco",
+}
+
 
 def register(name: str, config_cls: type, worker_cls: type[WorkerStrategy],
              driver_cls: type[DriverStrategy] = DriverStrategy) -> None:
@@ -242,10 +258,12 @@ def register(name: str, config_cls: type, worker_cls: type[WorkerStrategy],
 
 
 def get(name: str) -> StrategySpec:
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     if name not in _REGISTRY:
         raise ConfigError(f"strategy.name={name!r}: unknown strategy; choose one of {names()}")
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(BUILTIN))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -47,6 +48,23 @@ class TrainWorker:
         self._counted = (0, 0)  # (sent, recv) already reported in step metrics or spent on evaluation
         self._offset = 0  # the current step's first global sample (train_step sets it)
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout and other per-rank randomness
+
+    def reinit(self, cfg: Any, rank: int, threads: int = 1) -> dict[str, Any]:
+        """Serve a new run in this warm process: the last run's groups are dropped and everything is built
+        anew, as a fresh worker builds it (the same seeds, hence the same bits). Returns `address()`."""
+        self._abort_comms()
+        self.__init__(cfg, rank, threads)
+        return self.address()
+
+    def park(self) -> bool:
+        """The run is over: drop its groups, model and data. Whether this process may serve another run:
+        not after DeepSpeed (it keeps a default process group and module-level state of its own)."""
+        self._abort_comms()
+        self.comm, self.comms, self.strategy, self.model, self.optimizer, self.data = None, {}, None, None, None, None
+        import gc
+
+        gc.collect()
+        return "deepspeed" not in sys.modules and not torch.distributed.is_initialized()
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
