@@ -56,3 +56,15 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+def train_and_read(cfg: Any) -> tuple[Any, list[dict]]:
+    """Run `cfg` with raylane's Coordinator on the connected Ray: (its summary, its metrics.jsonl rows)."""
+    from raylane.orchestrator.coordinator import Coordinator
+
+    coord = Coordinator(cfg)
+    try:
+        summary = coord.train()
+    finally:
+        coord.close()
+    return summary, [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]

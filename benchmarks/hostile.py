@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import RESULTS, claim, median, write  # noqa: E402
+from benchmarks._common import RESULTS, claim, median, train_and_read, write  # noqa: E402
 
 WORKERS, CRASH_RANK, BYZANTINE_RANK = 8, 3, 7
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "stragglers" / "lambda-canada-w256-load0000.csv"
@@ -62,15 +62,8 @@ def common(steps: int, h: int, seed: int, root: str) -> list[str]:
 
 def run_one(name: str, overrides: list[str]) -> dict:
     from raylane import config
-    from raylane.orchestrator.coordinator import Coordinator
 
-    cfg = config.load(overrides)
-    coord = Coordinator(cfg)
-    try:
-        summary = coord.train()
-    finally:
-        coord.close()
-    lines = [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]
+    summary, lines = train_and_read(config.load(overrides))
     steps = [x for x in lines if "train/loss" in x]
     evals = [x for x in lines if "eval/loss" in x]
     eval_loss = evals[-1]["eval/loss"] if evals else float("nan")
@@ -170,7 +163,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="40 steps, H=10, one seed: to check the script")
     args = p.parse_args()
     steps, h, seeds = (40, 10, [0]) if args.quick else (args.steps, args.h, list(range(args.seeds)))
-    crash_at = h * (steps // h // 2) + h // 2  # between two outer syncs, mid-run
+    crash_at = h * (steps // h // 2) + h // 4 + 1  # mid-run, at a step where no fragment syncs (every H/2)
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import claim, median, write  # noqa: E402
+from benchmarks._common import claim, median, train_and_read, write  # noqa: E402
 
 WORKERS = 4
 
@@ -78,16 +78,7 @@ def _torch_loop(cfg, rank: int, world: int, steps: int) -> list[float]:
 
 
 def run_raylane(cfg, steps: int, warmup: int) -> dict:
-    import json
-
-    from raylane.orchestrator.coordinator import Coordinator
-
-    coord = Coordinator(cfg)
-    try:
-        summary = coord.train()
-    finally:
-        coord.close()
-    lines = [json.loads(x) for x in (cfg.run.path() / "metrics.jsonl").read_text().splitlines()]
+    summary, lines = train_and_read(cfg)
     rounds = [x["train/round_s"] for x in lines if "train/round_s" in x][warmup:]
     return {"system": "raylane ddp", "step_s": median(rounds), "final_train_loss": summary.train_loss}
 
