@@ -81,6 +81,8 @@ def train_ranks(cfg: Any, steps: int, regen_at: int | None = None, timeout_s: fl
     world = cfg.cluster.num_workers
     store = host_store("127.0.0.1", timeout_s)
     try:
-        return spawn_ranks(_entry, [(cfg, r, store.port, steps, regen_at) for r in range(world)], timeout_s)
+        deepspeed = getattr(cfg.strategy, "engine", None) == "deepspeed"  # kept apart from plain ranks
+        return spawn_ranks(_entry, [(cfg, r, store.port, steps, regen_at) for r in range(world)], timeout_s,
+                           pool="deepspeed" if deepspeed else "plain")
     finally:
         del store

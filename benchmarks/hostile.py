@@ -16,8 +16,10 @@ adaptive ALIE (z searched each sync against the run's own rule). ddp exchanges n
 faulty runs get the links, the stragglers and the crash (the Byzantine modes need a gathered row).
 Seeds are paired (the same seed for every system); systems are interleaved per seed.
 
-Writes benchmarks/results/hostile.{json,md,png}:
-    python benchmarks/hostile.py [--seeds 3] [--steps 200] [--quick]
+Writes benchmarks/results/hostile.{json,md,png}. Runs are kept in results/hostile_runs.json with the
+settings they ran under, so seeds can be added one invocation at a time (`--first-seed 1 --seeds 1`)
+and the tables cover every stored seed of the same settings:
+    python benchmarks/hostile.py [--seeds 3] [--first-seed 0] [--steps 200] [--h 50] [--quick]
 """
 
 from __future__ import annotations
@@ -158,11 +160,19 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--h", type=int, default=25)
+    p.add_argument("--h", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="40 steps, H=10, one seed: to check the script")
     args = p.parse_args()
-    steps, h, seeds = (40, 10, [0]) if args.quick else (args.steps, args.h, list(range(args.seeds)))
+    steps, h = (40, 10) if args.quick else (args.steps, args.h)
+    seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
+    store = RESULTS / ("hostile_quick_runs.json" if args.quick else "hostile_runs.json")
+    setting = {"steps": steps, "h": h, "workers": WORKERS}
+    stored = json.loads(store.read_text()) if store.exists() else []
+    if isinstance(stored, list):  # the first format: a bare list of rows, all of one setting
+        stored = {"setting": {"steps": 200, "h": 50, "workers": WORKERS}, "rows": stored}
+    kept = [r for r in stored["rows"] if r["seed"] not in seeds] if stored.get("setting") == setting else []
     crash_at = h * (steps // h // 2) + h // 4 + 1  # mid-run, at a step where no fragment syncs (every H/2)
     load_before = os.getloadavg()
     rows = []
@@ -183,7 +193,9 @@ def main() -> None:
                 print({k: v for k, v in row.items() if k not in ("curve", "faults_at")}, flush=True)
         finally:
             ray.shutdown()
-    (RESULTS / "hostile_runs.json").write_text(json.dumps(rows))
+    rows = sorted(kept + rows, key=lambda r: r["seed"])
+    store.write_text(json.dumps({"setting": setting, "rows": rows}))
+    seeds = sorted({r["seed"] for r in rows})
     table, claims = summarize(rows)
     picture(rows, RESULTS / "hostile.png")
     notes = (f"{WORKERS} workers x {2 / WORKERS} CPU on {os.cpu_count()} cores; char LM (the default model), "

@@ -165,8 +165,17 @@ def summarize(name: str, records: list[dict[str, Any]], run_dir: Path | None = N
                 "final accuracy": accuracy[-1] if accuracy else None,
                 "bytes on the wire": max((r.get("comm/bytes_total") or 0 for r in records), default=0),
                 "wall s": max((r.get("time_s") or 0.0 for r in records), default=0.0),
-                "tokens/s": summary.get("tokens_per_s"), "faults": faults_in_words(records)})
+                f"{summary.get('throughput_unit', 'tokens')}/s": summary.get("tokens_per_s"),
+                "faults": faults_in_words(records)})
     return row
+
+
+def _one_throughput_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of token and of sample data side by side: one "tokens or samples/s" column."""
+    keys = {k for r in rows for k in r if k in ("tokens/s", "samples/s")}
+    if len(keys) < 2:
+        return rows
+    return [{("tokens or samples/s" if k in keys else k): v for k, v in r.items()} for r in rows]
 
 
 def preset_name(config: dict[str, Any]) -> str:
@@ -323,7 +332,7 @@ def render(run_dirs: list[Path], title: str = "raylane report", extra_html: str 
     plots = "".join(f'<figure class="plot" data-metric="{html.escape(t)}">{_plot_svg(t, x, ys, xl, yl, runs)}</figure>'
                     for t, x, ys, xl, yl in PLOTS + ([ACCURACY_PLOT] if classification else []))
     plots += "".join(plan_figure(name, records) for name, records in runs.items())
-    rows = [summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)]
+    rows = _one_throughput_column([summarize(n, r, d, keys) for (n, r), d in zip(runs.items(), run_dirs)])
     compact = [c for c in COMPACT if c != "final accuracy" or classification]
     table = table_html([{c: r[c] for c in compact} for r in rows])
     table += "<h3>Config differences and details</h3>" + table_html(
@@ -334,7 +343,7 @@ def render(run_dirs: list[Path], title: str = "raylane report", extra_html: str 
              "figure{margin:0}figure svg{max-width:100%;height:auto}.note{color:#555;font-size:90%}")
     note = (f"final train loss: {FINAL_TRAIN_LOSS}; wall s: the training clock over every session of the run; "
             "faults: kind, worker (w) and step of each injected fault; "
-            "tokens/s: tokens (samples, for non-token data) of the steps kept / wall time (from summary.yaml, once "
+            "tokens/s (samples/s for non-token data): tokens (samples) of the steps kept / wall time (from summary.yaml, once "
             "the run finished); the second table: the config keys that differ between the runs, then the rest. "
             "Markers: fault injected (red dashed), recovered (green dotted), resumed (blue dash-dot).")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -208,6 +208,19 @@ def _connect_and_run(jobs: list[Any]) -> int:
         return EXIT_INTERRUPTED
 
 
+def shown_config(cfg: Any) -> dict[str, Any]:
+    """What `--cfg job` prints: the run's config without the keys its model and data set never read,
+    and with the run dir it will write to (null meant <root>/<name>)."""
+    from raylane.workers.data import UNUSED
+    from raylane.workers.models import USES
+
+    shown = cfg.to_dict()
+    shown["model"] = {k: v for k, v in shown["model"].items() if k == "name" or k in USES[cfg.model.name]}
+    shown["data"] = {k: v for k, v in shown["data"].items() if k not in UNUSED[cfg.data.name]}
+    shown["run"]["dir"] = str(cfg.run.path())
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -220,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         for cfg in jobs:
-            shown = cfg.to_dict()
-            shown["run"]["dir"] = str(cfg.run.path())  # where the run will write (null meant <root>/<name>)
-            print(yaml.safe_dump(shown, sort_keys=False))
+            print(yaml.safe_dump(shown_config(cfg), sort_keys=False))
         return 0
     return _connect_and_run(jobs)
 

@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import benchmarks._spawn  # noqa: E402
+
+benchmarks._spawn.REUSE = True  # warm spawned ranks across tests (benchmarks spawn fresh ones)
+
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.batch_size=4", "data.seq_len=32",
          "data.eval_batches=4", "logging=quiet", "train.eval_every=0", "checkpoint.every=0"]
 

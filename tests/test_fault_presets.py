@@ -1,12 +1,9 @@
 """Every fault preset in configs/faults/ runs end to end at a tiny size and does what its comment
 says: the run finishes, each step appears once, the fault is announced and (when it breaks a
 round) recovered, a hang is caught within the collective timeout plus the grace period;
-driver_crash stops the driver and the same command resumes it; `raylane.chaos` writes its reports."""
+`raylane.chaos` writes its reports (driver_crash: tests/test_faults_process.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -32,7 +29,7 @@ def _steps_for(overrides: list[str], tmp_path) -> int:
     return max([e.step for e in events if e.step is not None] + [1]) + 2
 
 
-# driver_crash stops the process: its own test below. Presets that need another strategy
+# driver_crash stops the process: tests/test_faults_process.py runs it. Presets that need another strategy
 # ("Needs strategy=robust.") are run end to end by that strategy's tests.
 IN_PROCESS = [p for p in FAULT_PRESETS if p != "driver_crash" and len(preset_overrides(p)) == 1]
 
@@ -58,27 +55,6 @@ def test_fault_preset_runs_end_to_end(ray_cluster, tmp_path, preset):
     for e in events:
         if e["event"] == "fault_detected" and e["hung"]:
             assert e["detection_s"] <= TIMEOUT_S + GRACE_S + 2.0, e
-
-
-def test_driver_crash_preset_resumes_with_the_same_command(tmp_path):
-    args = [sys.executable, "-m", "raylane.train", *SMALL, "checkpoint.every=25", f"run.root={tmp_path}",
-            "faults=driver_crash", "train.steps=34", "cluster.num_workers=2"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    first = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env)
-    assert first.returncode == 3, first.stderr[-2000:]
-    assert "fault injected: driver_crash at step 30" in first.stderr
-    second = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env)
-    assert second.returncode == 0, second.stderr[-2000:]
-    run_dir = tmp_path / "ddp-char_transformer-driver_crash"
-    assert "resuming it" in second.stderr and not list(tmp_path.glob("*.2*"))  # nothing moved aside
-    rows = read_records(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 35))
-    times = [r["time_s"] for r in rows]
-    assert times == sorted(times)
-    resumed = next(r for r in rows if r.get("event") == "resumed")
-    assert (resumed["from_step"], resumed["steps_redone"]) == (25, 4)
-    saved = yaml.safe_load((run_dir / "summary.yaml").read_text())
-    assert saved["steps"] == 34 and saved["faults"]["resumes"] == 1 and saved["wall_s"] > 0
 
 
 def test_chaos_runs_both_jobs_and_writes_json_and_html_reports(ray_cluster, tmp_path, monkeypatch, capsys):

@@ -1,15 +1,20 @@
 """Faults that take a whole process: a node (own multi-node cluster) and the driver (the CLI)."""
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from raylane import train
+from raylane import config, train
 from raylane.orchestrator import checkpoint
+from raylane.orchestrator.coordinator import run
+from raylane.orchestrator.metrics import read_records
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.timeout(400)
@@ -29,47 +34,55 @@ def test_node_loss_of_2_of_4_workers_recovers_to_identical_parameters(tmp_path):
     assert next(e for e in result["events"] if e["event"] == "recovered")["steps_lost"] == 0
 
 
-def _cli(root, *extra):
-    args = [*SMALL, f"run.root={root}", "run.name=crashy", "train.steps=12", "checkpoint.every=4",
-            "cluster.num_workers=2", *extra]
-    return subprocess.run([sys.executable, "-m", "raylane.train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=240)
-
-
 def _final_params(run_dir):
     path, meta = checkpoint.latest(run_dir / "checkpoints")
     model = checkpoint.load_part(path, "replica")["model"]
     return meta["step"], torch.cat([v.reshape(-1) for v in model.values()])
 
 
-def test_driver_crash_then_same_command_resumes_and_matches_fault_free(tmp_path):
-    crash = "+faults.events=[{kind: driver_crash, step: 7}]"
-    first = _cli(tmp_path / "a", crash)
+CRASHY = [*SMALL, "checkpoint.every=25", "train.steps=34", "cluster.num_workers=2"]
+
+
+def test_driver_crash_preset_then_the_same_command_resumes_and_matches_fault_free(ray_cluster, tmp_path):
+    """The one fault that takes the driver: a real process dies (exit 3) and the very same command resumes."""
+    args = [sys.executable, "-m", "raylane.train", *CRASHY, f"run.root={tmp_path / 'a'}", "faults=driver_crash"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert first.returncode == 3, first.stderr[-2000:]
-    assert not (tmp_path / "a" / "crashy" / "summary.yaml").exists()
-    second = _cli(tmp_path / "a", crash)  # the very same command
+    assert "fault injected: driver_crash at step 30" in first.stderr
+    run_dir = tmp_path / "a" / "ddp-char_transformer-driver_crash"
+    assert not (run_dir / "summary.yaml").exists()
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming" in second.stderr
-    straight = _cli(tmp_path / "b")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    step_a, params_a = _final_params(tmp_path / "a" / "crashy")
-    step_b, params_b = _final_params(tmp_path / "b" / "crashy")
-    assert step_a == step_b == 12
+    assert "resuming it" in second.stderr and not list((tmp_path / "a").glob("*.2*"))  # nothing moved aside
+    rows = read_records(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 35))
+    times = [r["time_s"] for r in rows]
+    assert times == sorted(times)
+    resumed = next(r for r in rows if r.get("event") == "resumed")
+    assert (resumed["from_step"], resumed["steps_redone"]) == (25, 4)  # steps 26-29 died with the driver
+    saved = yaml.safe_load((run_dir / "summary.yaml").read_text())
+    assert saved["steps"] == 34 and saved["faults"]["resumes"] == 1 and saved["wall_s"] > 0
+    straight = config.load([*CRASHY, f"run.root={tmp_path / 'b'}", "run.name=straight"])  # on the session's cluster
+    run(straight)
+    step_a, params_a = _final_params(run_dir)
+    step_b, params_b = _final_params(straight.run.path())
+    assert step_a == step_b == 34
     assert torch.equal(params_a, params_b)
-    lines = [json.loads(x) for x in (tmp_path / "a" / "crashy" / "metrics.jsonl").read_text().splitlines()]
-    resumed = next(x for x in lines if x.get("event") == "resumed")
-    assert resumed["from_step"] == 4  # steps 5-6 were lost with the driver and redone
 
 
-def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
-    assert _cli(tmp_path, "train.steps=8").returncode == 0
+def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(ray_cluster, tmp_path, caplog):
+    args = [*SMALL, f"run.root={tmp_path}", "run.name=crashy", "train.steps=8", "checkpoint.every=4",
+            "cluster.num_workers=2"]
+    run(config.load(args))
     run_dir = tmp_path / "crashy"
     (run_dir / "summary.yaml").unlink()  # as if it had stopped after its last checkpoint
     newest = run_dir / "checkpoints" / "step_00000008" / "replica.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # half-written
-    again = _cli(tmp_path, "train.steps=8")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "skipping checkpoint" in again.stderr and "checksum" in again.stderr
+    with caplog.at_level(logging.WARNING):
+        run(config.load(args))
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert skipped and "checksum" in skipped[0]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x for x in lines if x.get("event") == "resumed"][-1]["from_step"] == 4
 

@@ -182,7 +182,35 @@ def test_no_bar_when_not_on_a_terminal_only_a_line_every_tenth_of_the_run():
     assert "\r" not in out.getvalue() and len(lines) == 10, lines
     assert lines[-1].startswith("train step 100/100 train 2 (")
     assert isinstance(progress(100, 0, False, stream=out), _NullBar)
-    assert isinstance(progress(100, 0, True, stream=Tty()), _Bar)
+    tty = Tty()
+    bar = progress(100, 0, True, stream=tty)
+    assert isinstance(bar, _Bar)
+    bar.close()
+
+
+def test_lines_printed_by_others_while_the_bar_is_drawn_land_above_it(monkeypatch):
+    """Ray prints `(raylet)` and worker lines to sys.stderr from its own thread: never onto the bar."""
+    import io
+    import sys
+
+    from raylane.orchestrator.metrics import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = progress(100, 0, True, stream=tty)
+    bar.update(5, {"train": "2.5"})
+    print("(raylet) a worker line", file=sys.stderr, flush=True)
+    sys.stderr.write("half a ")
+    sys.stderr.write("line\n")
+    bar.close()
+    assert sys.stderr is tty
+    shown = tty.getvalue()
+    assert "\n(raylet) a worker line\n" in shown.replace("\r", "\n"), repr(shown)
+    assert "half a line\n" in shown and "train" in shown.split("(raylet)")[-1]  # the bar redrawn below
 
 
 def test_cluster_gpu_on_a_host_without_gpus_is_one_line_error(no_ray, capsys, tmp_path, monkeypatch):
@@ -248,3 +276,30 @@ def test_a_sweep_ends_with_a_table_of_its_runs():
     assert lines[0].split() == ["sweep", "run", "final", "train", "final", "eval", "wall", "s"]
     assert lines[1].split() == ["ddp__optim.lr=0.001", "2.5000", "2.6000", "10.0"]
     assert lines[2].split() == ["ddp__optim.lr=0.003", "2.1000", "-", "9.5"]
+
+
+@pytest.mark.parametrize("preset,shown,hidden", [
+    ([], {"n_layer", "n_head", "seq_len"}, {"hidden", "channels", "gnn_alpha", "num_samples", "graph"}),
+    (["model=mlp", "data=synthetic"], {"hidden", "num_samples", "input_dim"}, {"n_layer", "n_head", "seq_len"}),
+])
+def test_cfg_job_shows_only_the_keys_the_chosen_model_and_data_read(no_ray, capsys, tmp_path, preset, shown, hidden):
+    import yaml
+
+    assert train.main(["--cfg", "job", f"run.root={tmp_path}", *preset]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    keys = set(printed["model"]) | set(printed["data"])
+    assert shown <= keys and not hidden & keys, keys
+    assert printed["run"]["dir"] == str(tmp_path / printed["run"]["name"])
+
+
+def test_a_healthy_workers_gloo_error_is_one_whole_line_without_source_paths():
+    from raylane.orchestrator.worker_group import short_error
+
+    gloo = ("ray.exceptions.RayTaskError(RuntimeError): ray::TrainWorker.run()\nRuntimeError: [/__w/pytorch/pytorch/"
+            "third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23448. This is "
+            "typically caused by a remote worker crashing. Check the logs of the remote worker before reporting "
+            "an error. GLHF!")
+    assert short_error(gloo) == ("RuntimeError: Connection closed by peer [127.0.0.1]:23448 (a peer process died "
+                                 "or left the group)")
+    long = short_error("ValueError: " + "word " * 100)
+    assert len(long) <= 204 and long.endswith("word ...")

@@ -75,6 +75,11 @@ def test_summary_row_uses_the_summary_definitions_and_differing_keys(tmp_path):
     assert (row["strategy"], row["optim.lr"], row["tokens/s"], row["steps"]) == ("ddp", 1e-3, 1234.5, 40)
     page = report.render([a, b])
     assert "<th>optim.lr</th>" in page and "<th>strategy</th>" in page and "1,234.5" in page
+    c = _run(tmp_path / "c", _rows(range(1, 41)), {**base, "run": {"name": "c"}},
+             {"tokens_per_s": 50.0, "throughput_unit": "samples"})  # a classification run: samples/s
+    assert report.summarize("c", report.load_run(c), c, [])["samples/s"] == 50.0
+    assert "<th>samples/s</th>" in report.render([c])
+    assert "<th>tokens or samples/s</th>" in report.render([a, c])
 
 
 def test_plots_include_loss_vs_wall_time_and_fault_markers_with_a_legend_outside(tmp_path):

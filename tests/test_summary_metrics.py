@@ -60,6 +60,8 @@ def test_tokens_per_s_is_kept_tokens_over_the_run_clock_and_survives_a_checkpoin
     restored.wall_s = 8.0
     assert restored.tokens_per_s == 20_000 / 8.0
     assert restored.as_dict()["wall_s"] == 8.0 and "2,500" in restored.table()
+    assert "tokens/s" in restored.table() and "samples/s" in Summary(unit="samples").table()
+    assert Summary(unit="samples").as_dict()["throughput_unit"] == "samples"
 
 
 def test_eval_label_is_shown_beside_the_eval_loss():

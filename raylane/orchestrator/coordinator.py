@@ -80,7 +80,7 @@ class Coordinator:
         self._delays: dict[int, float] = {}  # this step's straggler delays, by rank
         self._straggling = False  # the plan's first delay was announced
         self.samples_at: dict[int, int] = {0: 0}
-        self.summary = Summary()
+        self.summary = Summary(unit="tokens" if cfg.data.name == "chars" else "samples")
         self.outliers = OutlierDetector(cfg.faults.outlier_window, cfg.faults.outlier_factor,
                                         cfg.faults.outlier_min_s)
         self.group.start()

@@ -40,12 +40,47 @@ class _NullBar:
         pass
 
 
-class _Bar:
-    def __init__(self, total: int, initial: int):
+class _ThroughBar:
+    """A stand-in for sys.stdout / sys.stderr while the bar is drawn: whole lines written by anyone else
+    (Ray's `(raylet)` and worker lines, a print) go out through tqdm, above the bar, never onto it."""
+
+    def __init__(self, stream: Any):
+        import threading
+
+        self.stream, self.pending, self.lock = stream, "", threading.Lock()
+
+    def write(self, text: str) -> int:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
+        with self.lock:
+            lines = (self.pending + text).split("\n")
+            self.pending = lines.pop()
+        for line in lines:
+            tqdm.write(line, file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:  # a part line waits for its end (or for `drain`)
+        self.stream.flush()
+
+    def drain(self) -> None:
+        with self.lock:
+            rest, self.pending = self.pending, ""
+        if rest:
+            self.stream.write(rest)
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the real stream's
+        return getattr(self.stream, name)
+
+
+class _Bar:
+    def __init__(self, total: int, initial: int, stream: Any = None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=stream or sys.stderr,
                         dynamic_ncols=True, mininterval=0.5)
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _ThroughBar(sys.stdout), _ThroughBar(sys.stderr)
 
     def update(self, n: int, postfix: dict[str, Any]) -> None:
         self.bar.set_postfix(postfix, refresh=False)
@@ -61,6 +96,10 @@ class _Bar:
 
     def close(self) -> None:
         self.bar.close()
+        for wrapper in (sys.stdout, sys.stderr):
+            if isinstance(wrapper, _ThroughBar):
+                wrapper.drain()
+        sys.stdout, sys.stderr = self.saved
 
 
 class _LineBar:
@@ -104,7 +143,7 @@ def progress(total: int, initial: int, enabled: bool, stream: Any = None) -> Any
     if not enabled:
         return _NullBar()
     isatty = getattr(stream, "isatty", None)
-    return _Bar(total, initial) if isatty is not None and isatty() else _LineBar(total, initial, stream=stream)
+    return _Bar(total, initial, stream) if isatty is not None and isatty() else _LineBar(total, initial, stream=stream)
 
 
 class BarLogHandler(logging.StreamHandler):

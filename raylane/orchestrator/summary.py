@@ -4,7 +4,8 @@ One definition of each number, used by the terminal table, `summary.yaml` and th
 - final train loss: the mean train loss of the last `FINAL_TRAIN_WINDOW` steps (one step is noisy);
 - wall time: the run's training clock (`MetricsSink.elapsed_s`): every session of the run
   added up, so work redone after a fault or a resume is included, worker start-up is not;
-- tokens/s: tokens of the steps the run kept (each step counted once) / wall time;
+- tokens/s: tokens of the steps the run kept (each step counted once) / wall time; `unit` says what a
+  "token" is: "tokens" for the char LM, "samples" for classification and graph data (shown as samples/s);
 - faults: read from the run's event rows in metrics.jsonl, across every session of the run;
 - per-strategy rows (stragglers, attacks, accuracy, stages, plan, replicas, a straggler plan):
   from the metrics logged each step (summary_sections.py), only when the run logged them.
@@ -73,6 +74,7 @@ class Summary:
     recent: deque = field(default_factory=lambda: deque(maxlen=FINAL_TRAIN_WINDOW))
     faults: dict[str, Any] = field(default_factory=dict)
     metric_totals: dict[str, list[float]] = field(default_factory=dict)  # summary_sections.record
+    unit: str = "tokens"  # what tokens_total counts: "tokens" (language data) or "samples"
 
     @property
     def train_loss(self) -> float | None:
@@ -111,7 +113,8 @@ class Summary:
                 "final_train_loss_is": FINAL_TRAIN_LOSS, "final_eval_loss": self.eval_loss,
                 "eval_of": self.eval_label or "the model", "wall_s": round(self.wall_s, 3),
                 "bytes_on_wire": self.bytes_sent_total, "tokens": self.tokens_total,
-                "tokens_per_s": None if tps is None else round(tps, 1), "faults": self.faults,
+                "tokens_per_s": None if tps is None else round(tps, 1), "throughput_unit": self.unit,
+                "faults": self.faults,
                 "strategy": summary_sections.section_dict(self.metric_totals)}
 
     def table(self) -> str:
@@ -126,7 +129,7 @@ class Summary:
                 ("final eval loss", fmt(self.eval_loss) + eval_note),
                 ("wall time (s)", f"{self.wall_s:.1f} (training, all sessions of the run)"),
                 ("bytes on the wire", f"{self.bytes_sent_total:,} ({gib:.3f} GiB)"),
-                ("tokens/s", "-" if tps is None else f"{tps:,.0f} (tokens of the steps kept / wall time)")]
+                (f"{self.unit}/s", "-" if tps is None else f"{tps:,.0f} ({self.unit} of the steps kept / wall time)")]
         rows += [("faults", line) for line in fault_lines(self.faults)]
         rows += summary_sections.section_rows(self.metric_totals)
         width = max(len(k) for k, _ in rows)

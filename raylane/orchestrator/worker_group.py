@@ -11,6 +11,7 @@ raises `WorkerFailure` for the coordinator to recover from.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,22 @@ class WorkerFailure(Exception):
 
     def __str__(self) -> str:
         return f"dead={sorted(self.dead)} hung={sorted(self.hung)} errored={sorted(self.errored)}"
+
+
+_SOURCE = re.compile(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")  # Gloo's "[/…/pair.cc:553] "
+
+
+def short_error(text: str, limit: int = 200) -> str:
+    """A worker's error in one line: its last line, without C++ source locations, its first sentence when
+    that says it all (Gloo's "Connection closed by peer [addr]: a peer died" and its chatty tail), cut at a
+    word."""
+    lines = text.strip().splitlines() or [""]
+    line = _SOURCE.sub("", lines[-1]).strip()
+    if "Connection closed by peer" in line or "Connection reset by peer" in line:
+        line = line.split(". ")[0] + " (a peer process died or left the group)"
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
 
 
 def _silent_ones_are_hung(results: dict, failure: WorkerFailure) -> bool:
@@ -224,7 +241,7 @@ class WorkerGroup:
                 except ray.exceptions.RayActorError:
                     failure.dead.add(rank)
                 except ray.exceptions.RayError as e:
-                    failure.errors[rank], last_error = str(e).strip().splitlines()[-1][:200], time.monotonic()
+                    failure.errors[rank], last_error = short_error(str(e)), time.monotonic()
                     log.warning("worker %d failed: %s", rank, failure.errors[rank])
                     failure.errored.add(rank)
                 if (failure.dead or failure.errored) and pending:

@@ -26,6 +26,11 @@ from raylane.validation import ConfigError, check, one_of
 from raylane.workers.graphs import GRAPH_DATASETS, GraphConfig, build_graph
 
 DATASETS = ("chars", "synthetic", "digits", *GRAPH_DATASETS)
+_NOT_CHARS = ("seq_len",)
+_NOT_SYNTHETIC = ("num_samples", "input_dim", "num_classes")
+UNUSED = {"chars": (*_NOT_SYNTHETIC, "graph"), "synthetic": ("path", *_NOT_CHARS, "graph"),
+          "digits": (*_NOT_CHARS, *_NOT_SYNTHETIC, "graph"),
+          **{g: (*_NOT_CHARS, "num_samples") for g in GRAPH_DATASETS}}  # keys a data set never reads
 
 
 @dataclass

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from raylane.validation import check, one_of
 
 MODELS = ("char_transformer", "mlp", "cnn", "gcn", "sage", "gcnii")  # the last three: gnn_models.py
+_GNN = ("n_layer", "d_model", "dropout")
+USES = {"char_transformer": ("n_layer", "d_model", "n_head", "dropout"), "mlp": ("hidden",), "cnn": ("channels",),
+        "gcn": (*_GNN, "gnn_residual"), "sage": (*_GNN, "gnn_residual"), "gcnii": (*_GNN, "gnn_alpha", "gnn_theta")}
 
 
 @dataclass

@@ -12,10 +12,9 @@ across ranks, because every rank decompresses the same gathered payloads.
 With `strategy.outer.aggregator` set (`OuterRule`), step 1 gathers instead: every replica's compressed
 outer gradient reaches every rank (compressed_allgather; (W-1) payloads sent per rank instead of the
 all-reduce's 2(W-1)/W), and `finish` aggregates the (W, d) rows with the robust rule (non-finite rows
-dropped, f lowered: blocks/aggregators/round.py) before the outer step. A rule whose result is the
-plain mean of every row (uniform weights, nothing dropped: mean, trimmed_mean with f = 0) is reduced
-as the all-reduce reduces (fp32, in rank order, / W), so with compression none it equals plain
-DiLoCo bit for bit. A Byzantine plan's row-forging modes (alie, ipm, mimic and the adaptive ones)
+dropped, f lowered: blocks/aggregators/round.py) before the outer step. The mean rule (and
+trimmed_mean with nothing trimmed) reduces the rows as the all-reduce does (blocks/aggregators/base.py
+`mean_rows`: fp32, in rank order, / W), so with compression none it equals plain DiLoCo bit for bit. A Byzantine plan's row-forging modes (alie, ipm, mimic and the adaptive ones)
 replace the colluders' rows once gathered (the rushing adversary: chaos.ByzantineStep.forge_rows);
 wire modes corrupt the colluder's payload as it is sent.
 
@@ -36,7 +35,6 @@ import torch
 
 from raylane.comm import (CompressionConfig, Communicator, Compressor, compressed_allgather,
                           expected_bytes_sent, quantized_allreduce)
-from raylane.comm.fast_paths import sum_fp32
 from raylane.strategies.blocks.aggregators.round import aggregate
 
 
@@ -55,9 +53,14 @@ class Fragment:
     local: list[torch.nn.Parameter]  # the model's own parameters
     global_: list[torch.Tensor]  # the outer (global) parameters
 
+    def __post_init__(self) -> None:
+        self.starts = [0]  # each tensor's offset in the fragment's flat vector, and the total
+        for p in self.local:
+            self.starts.append(self.starts[-1] + p.numel())
+
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.local)
+        return self.starts[-1]
 
 
 @dataclass
@@ -100,10 +103,17 @@ class OuterSync:
         self.metrics: dict[str, float] = {}  # the last aggregation's (robust outer sync)
         self.plans: list = []  # per fragment: a FragmentPlan (outer.compression: lgreco), else empty
         self.plan_metrics: dict[str, float] = {}  # the last re-plan's
+        self._bytes: dict[int, int] = {}  # fragment -> bytes_per_sync
 
     # -- syncs ------------------------------------------------------------------------
     def bytes_per_sync(self, fragment: int) -> int:
-        """Payload bytes this rank sends for one sync of `fragment` (the compressors' formulas)."""
+        """Payload bytes this rank sends for one sync of `fragment` (the compressors' formulas; kept
+        until the group or the fragment's plan changes)."""
+        if fragment not in self._bytes:
+            self._bytes[fragment] = self._count_bytes(fragment)
+        return self._bytes[fragment]
+
+    def _count_bytes(self, fragment: int) -> int:
         collective = "compressed_allgather" if self.rule is not None else "quantized_allreduce"
         if self.plans:
             plan, frag = self.plans[fragment], self.fragments[fragment]
@@ -127,6 +137,7 @@ class OuterSync:
         if plan is not None:
             if plan.due():
                 self.plan_metrics = plan.replan(pieces, self.comm)
+                self._bytes.pop(fragment, None)
             plan.syncs += 1
         delta = torch.cat(pieces)
         sync = Sync(fragment, step, merge_step, delta, self.bytes_per_sync(fragment))
@@ -148,10 +159,7 @@ class OuterSync:
     @staticmethod
     def _spans(frag: Fragment, idx: list[int]) -> list[tuple[int, int]]:
         """(start, end) in the fragment's flat vector of each tensor in `idx`."""
-        starts = [0]
-        for p in frag.local:
-            starts.append(starts[-1] + p.numel())
-        return [(starts[i], starts[i + 1]) for i in idx]
+        return [(frag.starts[i], frag.starts[i + 1]) for i in idx]
 
     def due(self, step: int) -> list[Sync]:
         return [s for s in self.in_flight if s.merge_step <= step]
@@ -210,15 +218,10 @@ class OuterSync:
             bad = sorted({rule.row_of(r) for r in byz.ranks})
         res, self.metrics = aggregate(rule.pipeline, G, rule.state, bad, rule.measure, prefix="outer")
         rule.state = res.state
-        n = G.shape[0]
-        w = res.weights
-        if w is not None and bool((w == w[0]).all()) and float(w[0]) * n == 1.0 and torch.isfinite(G).all():
-            mean = sum_fp32(G)  # the plain mean: reduced as quantized_allreduce reduces
-            return mean.div_(n)
         return res.vector.to(torch.float32)
 
     def set_comm(self, comm: Communicator) -> None:
-        self.comm = comm
+        self.comm, self._bytes = comm, {}
         for plan in self.plans:
             plan.world = comm.world_size
         for sync in self.in_flight:
@@ -287,3 +290,4 @@ class OuterSync:
             self.rule.state = state.get("rule")
         for plan, saved in zip(self.plans, state.get("plans") or []):
             plan.load_state_dict(saved)
+        self._bytes = {}

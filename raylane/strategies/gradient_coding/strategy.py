@@ -321,6 +321,7 @@ class _Round:
     stragglers: frozenset[int]
     violation: bool
     first_s: float
+    vote: Any = None  # DRACO (vote_f): every group's winning copy among the answers
 
 
 class RoundTimeout(TimeoutError):
@@ -382,7 +383,7 @@ class CodedDriver(DriverStrategy):
         ready = self.schedule.end(rnd.stragglers)
         overdue = [t for t in self.schedule.pending() if t + self.schedule.T <= self.schedule.round]
         assert not overdue, f"jobs {overdue} missed their deadline under an accepted straggler pattern"
-        decoded = [self._decode(workers, job) for job in ready]
+        decoded = [self._decode(workers, job, rnd.vote) for job in ready]
         self._settle(workers, wait=False)
         return self._metrics(rnd, decoded, time.perf_counter() - t0)
 
@@ -403,14 +404,15 @@ class CodedDriver(DriverStrategy):
     def _collect(self, workers: WorkerCalls, refs: dict[Any, int], t0: float) -> _Round:
         """Wait until the unanswered workers may be declared stragglers (strategies/gradient_coding/patience.py's rule)."""
         pending, answers = dict(refs), {}
-        patience, violation = Patience(self.cfg.straggler_rule, self.cfg.mu), False
+        patience, violation, won = Patience(self.cfg.straggler_rule, self.cfg.mu), False, None
         deadline = t0 + self.cfg.timeout_s
         while pending:
             now = time.perf_counter()
             if answers:
                 patient = patience.out(now - t0)
                 if self.cfg.vote_f:  # DRACO: every group's vote decided (stragglers skipped only then)
-                    if self._vote(answers) is not None:
+                    won = self._vote(answers)
+                    if won is not None:
                         break
                 elif (self.schedule.eager or patient) and self.schedule.acceptable(pending.values()):
                     break
@@ -428,21 +430,22 @@ class CodedDriver(DriverStrategy):
         if violation:  # counted in gc/violation and the summary; a line per round is noise on a busy host
             log.debug("round %d (%s): the silent workers could not be declared stragglers; waited for some of "
                      "them (violation)", self.schedule.round, self.schedule.name)
-        return _Round(answers, frozenset(pending.values()), violation, patience.first or 0.0)
+        if self.cfg.vote_f and won is None:  # the last answer ended the wait before a vote was taken
+            won = self._vote(answers)
+        return _Round(answers, frozenset(pending.values()), violation, patience.first or 0.0, won)
 
     def _vote(self, answers: dict[int, tuple[float, dict]]) -> Any:
         """DRACO's vote over this round's answers (gc: one row per worker), or None while undecided."""
         copies = {rank: res["vectors"][0] for rank, (_, res) in answers.items() if res and res["vectors"]}
         return vote(copies, self.world_size, self.cfg.s, self.cfg.vote_f)
 
-    def _decode(self, workers: WorkerCalls, job: int) -> tuple[float, int]:
+    def _decode(self, workers: WorkerCalls, job: int, won: Any = None) -> tuple[float, int]:
         """Decode `job` in float64, send its update to every worker; (its loss, bytes each receives).
         Jobs are decoded in order, so `last_loss` ends as the newest job's. With vote_f: each FRC group's
-        majority copy (DRACO); the workers that disagreed are named in the round's metrics."""
+        majority copy (DRACO: `won`, the vote of the round that computed the job, which gc decodes at
+        once); the workers that disagreed are named in the round's metrics."""
         plan = self.schedule.decoding(job)
         if self.cfg.vote_f:
-            copies = {rank: v for (rank, task), v in self.results.items() if task.job == job}
-            won = vote(copies, self.world_size, self.cfg.s, self.cfg.vote_f)
             assert won is not None, f"job {job}: the vote ended undecided"
             plan = [(rank, Task(job, "row"), 1.0) for rank in won.winners.values()]
             self.disagreeing = won.disagreeing

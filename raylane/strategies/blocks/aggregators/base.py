@@ -61,6 +61,16 @@ def sq_distances(K: torch.Tensor) -> torch.Tensor:
     return (diag[:, None] + diag[None, :] - 2 * K).clamp_(min=0)
 
 
+def mean_rows(G: torch.Tensor) -> torch.Tensor:
+    """The mean of G's rows, summed one row at a time in row order and divided by n: for fp32 rows
+    the very reduction `quantized_allreduce(op="avg")` makes of the same rows (comm.fast_paths.sum_fp32),
+    so a rule that reduces to the mean gives an all-reduce's bits."""
+    acc = G[0].clone()
+    for row in G[1:]:
+        acc.add_(row)
+    return acc.div_(G.shape[0])
+
+
 def combine(weights: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """weights @ G in G's dtype (one pass over G)."""
     return weights.to(G.dtype) @ G

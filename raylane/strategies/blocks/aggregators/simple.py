@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raylane.strategies.blocks.aggregators.base import Aggregator, Result, coordinate_median, register
+from raylane.strategies.blocks.aggregators.base import Aggregator, Result, coordinate_median, mean_rows, register
 from raylane.validation import check
 
 
@@ -48,7 +48,7 @@ class Mean(Aggregator):
     def __call__(self, G, state=None, gram_matrix=None) -> Result:
         n = G.shape[0]
         w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        return Result(G.mean(dim=0), weights=w)
+        return Result(mean_rows(G), weights=w)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class TrimmedMean(Aggregator):
         if n - 2 * b < 1:
             raise ValueError(f"trimmed_mean: trimming {b} of {n} values at each end leaves none")
         if b == 0:  # nothing trimmed: the mean, a linear rule (its weights say so to the caller)
-            return Result(G.mean(dim=0), weights=torch.full((n,), 1.0 / n, dtype=torch.float64),
+            return Result(mean_rows(G), weights=torch.full((n,), 1.0 / n, dtype=torch.float64),
                           info={"trimmed_per_side": 0.0})
         s = G.sort(dim=0).values
         return Result(s[b:n - b].mean(dim=0), info={"trimmed_per_side": float(b)})
