@@ -128,9 +128,13 @@ class WorkerGroup:
         return ray.remote(TrainWorker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
                                                max_restarts=0).remote(self.cfg, rank, max(1, int(c.cpus_per_worker)))
 
+    def _kind(self) -> str:
+        """What a worker of this run leaves in its process (TrainWorker.park): DeepSpeed or nothing."""
+        return "deepspeed" if getattr(self.cfg.strategy, "engine", None) == "deepspeed" else "plain"
+
     def _pool_key(self) -> tuple:
         c = self.cfg.cluster
-        return ray.get_runtime_context().get_job_id(), c.cpus_per_worker, c.gpus_per_worker
+        return ray.get_runtime_context().get_job_id(), c.cpus_per_worker, c.gpus_per_worker, self._kind()
 
     def start(self) -> None:
         c = self.cfg.cluster
@@ -167,8 +171,8 @@ class WorkerGroup:
             ray.kill(self.actors[r], no_restart=True)
 
     def shutdown(self) -> None:
-        """Stop the members; with cluster.reuse_workers, the healthy ones (answering within 10 s, no
-        DeepSpeed in them) wait in this driver's pool for its next run instead."""
+        """Stop the members; with cluster.reuse_workers, the healthy ones (answering within 10 s; after
+        DeepSpeed, for DeepSpeed runs only) wait in this driver's pool for its next run instead."""
         actors, self.actors = self.actors, []
         if not actors:
             return
@@ -178,7 +182,7 @@ class WorkerGroup:
             healthy = []
             for ref in ready:
                 try:
-                    if ray.get(ref):
+                    if ray.get(ref) == self._kind():
                         healthy.append(refs[ref])
                 except Exception:  # noqa: BLE001 - a dead or failing actor is simply not reused
                     pass

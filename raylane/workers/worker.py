@@ -56,15 +56,18 @@ class TrainWorker:
         self.__init__(cfg, rank, threads)
         return self.address()
 
-    def park(self) -> bool:
-        """The run is over: drop its groups, model and data. Whether this process may serve another run:
-        not after DeepSpeed (it keeps a default process group and module-level state of its own)."""
+    def park(self) -> str | None:
+        """The run is over: drop its groups, model and data. Which later runs this process may serve:
+        "plain" ones; after DeepSpeed (it keeps a default process group and module-level state of its own,
+        which its next join replaces: strategies/replicas/deepspeed.py) only "deepspeed" ones; None: none."""
         self._abort_comms()
         self.comm, self.comms, self.strategy, self.model, self.optimizer, self.data = None, {}, None, None, None, None
         import gc
 
         gc.collect()
-        return "deepspeed" not in sys.modules and not torch.distributed.is_initialized()
+        if "deepspeed" in sys.modules:
+            return "deepspeed"
+        return None if torch.distributed.is_initialized() else "plain"
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
