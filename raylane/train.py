@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+from pathlib import Path
 from typing import Any
 
 from raylane import config, ray_connect
@@ -162,7 +163,7 @@ def run_jobs(jobs: list[Any]) -> int:
             print(summary.table(), flush=True)
             print(f"run dir: {cfg.run.path()}", flush=True)
             if cfg.logging.wandb_mode == "offline":
-                print(f"W&B (offline): upload with `wandb sync {cfg.run.path() / 'wandb'}/offline-run-*`")
+                print(wandb_sync_hint(cfg.run.path() / "wandb"))
         if len(jobs) > 1:
             print(sweep_table(done), flush=True)
     except (WorkerStartError, RunFailed, CheckpointError) as e:
@@ -171,6 +172,16 @@ def run_jobs(jobs: list[Any]) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def wandb_sync_hint(folder: Path) -> str:
+    """How to upload an offline run: one folder per session of a resumed run, the later ones appended."""
+    sessions = sorted(folder.glob("offline-run-*"))
+    if len(sessions) <= 1:
+        return f"W&B (offline): upload with `wandb sync {folder}/offline-run-*`"
+    later = " ".join(str(p) for p in sessions[1:])
+    return (f"W&B (offline, {len(sessions)} sessions of one run): upload with `wandb sync {sessions[0]}` "
+            f"then `wandb sync --append {later}`")
 
 
 def sweep_table(done: list[tuple[Any, Any]]) -> str:

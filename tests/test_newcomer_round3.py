@@ -303,3 +303,13 @@ def test_a_healthy_workers_gloo_error_is_one_whole_line_without_source_paths():
                                  "or left the group)")
     long = short_error("ValueError: " + "word " * 100)
     assert len(long) <= 204 and long.endswith("word ...")
+
+
+def test_a_resumed_runs_wandb_sessions_are_synced_into_one_run(tmp_path):
+    folder = tmp_path / "wandb"
+    (folder / "offline-run-20261207_101500-abc").mkdir(parents=True)
+    assert train.wandb_sync_hint(folder) == f"W&B (offline): upload with `wandb sync {folder}/offline-run-*`"
+    (folder / "offline-run-20261207_093000-abc").mkdir()  # the first session
+    hint = train.wandb_sync_hint(folder)
+    assert f"`wandb sync {folder}/offline-run-20261207_093000-abc` then `wandb sync --append " \
+           f"{folder}/offline-run-20261207_101500-abc`" in hint and "2 sessions" in hint

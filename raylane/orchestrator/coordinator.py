@@ -83,7 +83,16 @@ class Coordinator:
         self.summary = Summary(unit="tokens" if cfg.data.name == "chars" else "samples")
         self.outliers = OutlierDetector(cfg.faults.outlier_window, cfg.faults.outlier_factor,
                                         cfg.faults.outlier_min_s)
-        self.group.start()
+        self.group.launch()  # the workers start while a fresh run opens its metrics (W&B: seconds)
+        metrics = None
+        try:
+            metrics = None if cfg.resume else self._open_metrics()
+            self.group.wait_started()
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            self.group.shutdown()
+            raise
         if cfg.resume:
             try:
                 self.restore_checkpoint()
@@ -91,12 +100,17 @@ class Coordinator:
                 self.group.shutdown()
                 raise
             self._write_config()
-        self.metrics = MetricsSink(self.run_dir, cfg.logging, cfg.train.steps, self.step, self._run_id(),
-                                   cfg.run.name, cfg.to_dict(), resume=bool(cfg.resume))
+        self.metrics = metrics or self._open_metrics()  # a resumed run's opens at its checkpoint's step
+        self.metrics.start_clock()
         self.group.on_wait = self.metrics.status
         self.recovery = Recovery(self)
         if cfg.resume:
             self.metrics.event(self.step, "resumed", from_step=self.step, steps_redone=self.metrics.superseded)
+
+    def _open_metrics(self) -> MetricsSink:
+        cfg = self.cfg
+        return MetricsSink(self.run_dir, cfg.logging, cfg.train.steps, self.step, self._run_id(), cfg.run.name,
+                           cfg.to_dict(), resume=bool(cfg.resume))
 
     def _write_config(self) -> None:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))

@@ -241,6 +241,10 @@ class MetricsSink:
                       else _Wandb(logging_cfg, run_dir, run_id, name, config))
         self.t0 = time.time()
 
+    def start_clock(self) -> None:
+        """The training clock starts now (the workers are up): worker start-up is not training time."""
+        self.t0 = time.time()
+
     def elapsed_s(self) -> float:
         """The run's training clock: this process's time plus that of the run's earlier sessions."""
         return self.time_offset + time.time() - self.t0

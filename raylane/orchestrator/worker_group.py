@@ -117,6 +117,7 @@ class WorkerGroup:
         self.store = host_store(self.store_host, cfg.cluster.start_timeout_s)
         self._step, self._directives = 0, {}
         self._ref_rank: dict[Any, int] = {}
+        self._starting: list = []  # launch()'s refs, until wait_started()
 
     @property
     def world_size(self) -> int:
@@ -137,14 +138,24 @@ class WorkerGroup:
         return ray.get_runtime_context().get_job_id(), c.cpus_per_worker, c.gpus_per_worker, self._kind()
 
     def start(self) -> None:
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Ask for the members (warm ones from the pool, rebuilt; new actors) without waiting for them:
+        the driver does its own set-up meanwhile, then `wait_started()`."""
         c = self.cfg.cluster
         warm = _POOL.take(self._pool_key(), c.num_workers) if c.reuse_workers else _POOL.clear()
         threads = max(1, int(c.cpus_per_worker))
         self.actors = warm + [self.new_actor(r) for r in range(len(warm), c.num_workers)]
+        self._starting = ([a.reinit.remote(self.cfg, r, threads) for r, a in enumerate(warm)]
+                          + [a.address.remote() for a in self.actors[len(warm):]])
+
+    def wait_started(self) -> None:
+        """Every member up (bounded by cluster.start_timeout_s), then the first group generation."""
+        c = self.cfg.cluster
         try:
-            self.addresses = ray.get([a.reinit.remote(self.cfg, r, threads) for r, a in enumerate(warm)]
-                                     + [a.address.remote() for a in self.actors[len(warm):]],
-                                     timeout=c.start_timeout_s)
+            self.addresses = ray.get(self._starting, timeout=c.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise WorkerStartError(
