@@ -39,13 +39,17 @@ def _status_kb(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
 
 
+def _uses_deepspeed(cfg: Any) -> bool:
+    return getattr(cfg.strategy, "engine", None) == "deepspeed"
+
+
 def _entry(cfg: Any, rank: int, port: int, steps: int, regen_at: int | None, out: Any) -> None:
     try:
         from raylane.workers.optim import lr_at
         from raylane.workers.worker import TrainWorker
 
         world, bs = cfg.cluster.num_workers, cfg.data.batch_size
-        if getattr(cfg.strategy, "engine", None) == "deepspeed":
+        if _uses_deepspeed(cfg):
             from raylane.strategies.replicas.deepspeed import _import_deepspeed
 
             _import_deepspeed(torch.device("cpu"))
@@ -81,8 +85,7 @@ def train_ranks(cfg: Any, steps: int, regen_at: int | None = None, timeout_s: fl
     world = cfg.cluster.num_workers
     store = host_store("127.0.0.1", timeout_s)
     try:
-        deepspeed = getattr(cfg.strategy, "engine", None) == "deepspeed"  # kept apart from plain ranks
         return spawn_ranks(_entry, [(cfg, r, store.port, steps, regen_at) for r in range(world)], timeout_s,
-                           pool="deepspeed" if deepspeed else "plain")
+                           pool="deepspeed" if _uses_deepspeed(cfg) else "plain")  # kept apart from plain ranks
     finally:
         del store

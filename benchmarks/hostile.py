@@ -169,9 +169,7 @@ def main() -> None:
     seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     store = RESULTS / ("hostile_quick_runs.json" if args.quick else "hostile_runs.json")
     setting = {"steps": steps, "h": h, "workers": WORKERS}
-    stored = json.loads(store.read_text()) if store.exists() else []
-    if isinstance(stored, list):  # the first format: a bare list of rows, all of one setting
-        stored = {"setting": {"steps": 200, "h": 50, "workers": WORKERS}, "rows": stored}
+    stored = json.loads(store.read_text()) if store.exists() else {"setting": setting, "rows": []}
     kept = [r for r in stored["rows"] if r["seed"] not in seeds] if stored.get("setting") == setting else []
     crash_at = h * (steps // h // 2) + h // 4 + 1  # mid-run, at a step where no fragment syncs (every H/2)
     load_before = os.getloadavg()
